@@ -1,0 +1,3 @@
+from refbuild.cli import main
+
+main()

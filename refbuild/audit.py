@@ -1,0 +1,208 @@
+"""`refbuild audit LIB`: check every invariant of a library and its manifests.
+
+Each check reports how many items it looked at and the violations it found;
+the CLI exits non-zero when any check has a violation.
+"""
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from data_manifests import ManifestError, metadata, read_table
+from refbuild.io import sha256_file
+from refbuild.library import Library
+from refbuild.pair import DUP_EPS
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    lib: Path
+    hashes: bool = True  # re-hash source images against faces.src_sha256
+    manifests: tuple[Path, ...] | None = None  # default: those pair.config.json lists
+
+
+@dataclass
+class Check:
+    name: str
+    checked: int = 0
+    violations: list[str] = field(default_factory=list)
+
+    def fail(self, msg: str) -> None:
+        self.violations.append(msg)
+
+
+def _safe(root: Path, rel: str) -> Path | None:
+    p = Path(rel)
+    return None if p.is_absolute() or ".." in p.parts else root / p
+
+
+def _read(path: Path, name: str, checks: list[Check], columns=None):
+    c = Check(f"schema {path.name}", 1)
+    checks.append(c)
+    try:
+        return read_table(path, name, columns)
+    except ManifestError as e:
+        c.fail(str(e))
+        return None
+
+
+def audit_library(lib: Library, hashes: bool, checks: list[Check]) -> dict:
+    """Checks on the library's own files; returns lookups the manifest checks use."""
+    info: dict = {}
+    if not lib.faces.is_file():
+        checks.append(Check("faces.parquet present", 1, [f"{lib.faces}: missing; run `refbuild detect`"]))
+        return info
+    faces = _read(lib.faces, "faces", checks)
+    if faces is None:
+        return info
+    rows = faces.to_pylist()
+    info["faces"] = {r["face_id"]: r for r in rows}
+    c = Check("face ids unique", len(rows))
+    dup = [f for f, n in _count(r["face_id"] for r in rows).items() if n > 1]
+    c.violations += [f"face_id {f} appears more than once" for f in dup]
+    checks.append(c)
+    c = Check("crop files present", len(rows))
+    for r in rows:
+        p = _safe(lib.root, r["crop_path"])
+        if p is None or not p.is_file():
+            c.fail(f"{r['face_id']}: crop {r['crop_path']} missing or outside the library")
+    checks.append(c)
+    if hashes:
+        src_root = Path(metadata(lib.faces).get("src_root", ""))
+        c = Check("source files present, sha256 matches", 0)
+        for src, sha in sorted({(r["src_path"], r["src_sha256"]) for r in rows}):
+            c.checked += 1
+            p = _safe(src_root, src)
+            if p is None or not p.is_file():
+                c.fail(f"{src_root / src}: source image missing")
+            elif sha256_file(p) != sha:
+                c.fail(f"{src_root / src}: sha256 changed since detect")
+        checks.append(c)
+    if lib.rejects.is_file():
+        _read(lib.rejects, "rejects", checks)
+    fids = [r["face_id"] for r in rows]
+    for view in ("hr", "lr"):
+        if lib.features(view).is_file():
+            t = _read(lib.features(view), "features", checks)
+            if t is not None:
+                c = Check(f"features_{view} match faces", len(fids))
+                if t.column("face_id").to_pylist() != fids:
+                    c.fail(f"{lib.features(view)}: face ids differ from faces.parquet; rerun `refbuild embed`")
+                vals = t.column("features").combine_chunks().values.to_numpy(zero_copy_only=False)
+                if not np.isfinite(vals).all():
+                    c.fail(f"{lib.features(view)}: NaN or infinite values")
+                checks.append(c)
+    if lib.splits.is_file():
+        sp = _read(lib.splits, "splits", checks)
+        if sp is not None:
+            info["split"] = dict(zip(sp.column("face_id").to_pylist(), sp.column("split").to_pylist()))
+            c = Check("every face has one split", len(fids))
+            if sp.column("face_id").to_pylist() != fids:
+                c.fail(f"{lib.splits}: face ids differ from faces.parquet; rerun `refbuild split`")
+            checks.append(c)
+            c = Check("splits disjoint by identity and by photo", 0)
+            for key in ("identity", "src_sha256"):
+                where = defaultdict(set)
+                for r in rows:
+                    s = info["split"].get(r["face_id"])
+                    if r[key] is not None and s not in (None, "unused"):
+                        where[r[key]].add(s)
+                c.checked += len(where)
+                c.violations += [f"{key} {k} is in splits {sorted(v)}" for k, v in sorted(where.items()) if len(v) > 1]
+            checks.append(c)
+    if lib.pairs.is_file():
+        pairs = _read(lib.pairs, "pairs", checks)
+        if pairs is not None:
+            meta = metadata(lib.pairs)
+            info["pairs_meta"] = meta
+            _check_refs(pairs.to_pylist(), info, meta, checks, lib)
+    return info
+
+
+def _check_refs(pairs: list[dict], info: dict, meta: dict, checks: list[Check], lib: Library) -> None:
+    faces, split = info["faces"], info.get("split", {})
+    dim_eps = DUP_EPS
+    c_id = Check("references are other identities", 0)
+    c_dup = Check("references are not the same photo", 0)
+    c_pool = Check(f"references come from the pool ({meta.get('pool', '?')})", 0)
+    for p in pairs:
+        q = faces.get(p["query_face_id"]) if p["query_library"] == "self" else None
+        for fid, ident, d in zip(p["ref_face_ids"], p["ref_identities"], p["ref_distances"]):
+            ref = faces.get(fid)
+            c_id.checked += 1
+            c_dup.checked += 1
+            c_pool.checked += 1
+            if ref is None:
+                c_pool.fail(f"{p['query_face_id']}: reference {fid} is not in faces.parquet")
+                continue
+            if p["query_identity"] is not None and ref["identity"] == p["query_identity"]:
+                c_id.fail(f"{p['query_face_id']}: reference {fid} has the same identity {ident}")
+            if (q is not None and ref["src_sha256"] == q["src_sha256"]) or d <= dim_eps:
+                c_dup.fail(f"{p['query_face_id']}: reference {fid} is the same photo (distance {d:.3g})")
+            if meta.get("pool") == "train" and split.get(fid) != "train":
+                c_pool.fail(f"{p['query_face_id']}: reference {fid} is in split {split.get(fid)}, not train (leak)")
+    checks += [c_id, c_dup, c_pool]
+
+
+def audit_manifest(path: Path, checks: list[Check], holdout_ids: set[str], train_ids: set[str]) -> None:
+    t = _read(path, "training_manifest", checks)
+    if t is None:
+        return
+    meta = metadata(path)
+    m = int(meta.get("m", "0"))
+    hr_root, ref_root = Path(meta.get("hr_root", "")), Path(meta.get("ref_root", ""))
+    rows = t.to_pylist()
+    c_m = Check(f"{path.parent.name}/{path.name}: m={m} references per row", len(rows))
+    c_f = Check(f"{path.parent.name}/{path.name}: files present inside their roots", 0)
+    c_l = Check(f"{path.parent.name}/{path.name}: no held-out identity as reference or in train", 0)
+    for r in rows:
+        if len(r["ref_paths"]) != m or len(r["ref_face_ids"]) != m:
+            c_m.fail(f"{r['face_id']}: {len(r['ref_paths'])} references, expected {m}")
+        for root, rel in [(hr_root, r["hr_path"])] + [(ref_root, p) for p in r["ref_paths"]]:
+            c_f.checked += 1
+            p = _safe(root, rel)
+            if p is None:
+                c_f.fail(f"{r['face_id']}: path {rel!r} escapes its root")
+            elif not p.is_file():
+                c_f.fail(f"{r['face_id']}: {p} missing")
+        for ident in r["ref_identities"]:
+            c_l.checked += 1
+            if ident is not None and ident in holdout_ids:
+                c_l.fail(f"{r['face_id']}: reference identity {ident} is a val/test identity")
+        if r["split"] == "train" and r["identity"] in holdout_ids:
+            c_l.fail(f"{r['face_id']}: train row of val/test identity {r['identity']}")
+        if r["split"] in ("val", "test") and r["identity"] is not None and r["identity"] in train_ids:
+            c_l.fail(f"{r['face_id']}: {r['split']} row of train identity {r['identity']}")
+    checks += [c_m, c_f, c_l]
+
+
+def run(cfg: AuditConfig) -> list[Check]:
+    lib = Library(cfg.lib)
+    checks: list[Check] = []
+    info = audit_library(lib, cfg.hashes, checks)
+    manifests = list(cfg.manifests or [])
+    if cfg.manifests is None and lib.config("pair").is_file():
+        manifests = [Path(p) for p in json.loads(lib.config("pair").read_text()).get("manifests", {}).values()]
+    idents = defaultdict(set)
+    for path in manifests:
+        try:
+            for r in read_table(path, "training_manifest", columns=["identity", "split"]).to_pylist():
+                if r["identity"] is not None:
+                    idents[r["split"]].add(r["identity"])
+        except ManifestError:
+            pass  # reported by audit_manifest
+    holdout = idents["val"] | idents["test"]
+    for path in manifests:
+        audit_manifest(path, checks, holdout, idents["train"])
+    return checks
+
+
+def _count(items) -> dict:
+    out: dict = {}
+    for x in items:
+        out[x] = out.get(x, 0) + 1
+    return out

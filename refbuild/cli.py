@@ -1,0 +1,246 @@
+"""`refbuild`: the command-line face of the reference-library pipeline.
+
+Thin: each command parses options into its stage's frozen config and calls the
+stage's `run`. Library code raises RefbuildError; only this module turns it
+into a one-line red message and exit code 1.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from data_manifests import ManifestError
+from refbuild.errors import RefbuildError
+from refbuild.progress import console
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Build a reference library for MSRNet: detect -> embed -> split -> pair, then query and audit.")
+
+Lib = Annotated[Path, typer.Argument(help="Library folder (written by `refbuild detect --out`).")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or summary tables.")]
+Overwrite = Annotated[bool, typer.Option(help="Discard unfinished work of an earlier run with other settings.")]
+Device = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
+
+
+def _floats(text: str | None, n: int | None, opt: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        vals = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"{opt} takes comma-separated numbers, got {text!r}") from None
+    if n is not None and len(vals) != n:
+        raise typer.BadParameter(f"{opt} takes {n} comma-separated numbers, got {text!r}")
+    return vals
+
+
+def _fail(e: Exception) -> None:
+    console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+    raise typer.Exit(1)
+
+
+@app.command()
+def detect(
+    src: Annotated[Path, typer.Argument(help="Folder of photos (searched recursively).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Library folder to write.")],
+    labels: Annotated[Optional[Path], typer.Option(help="CSV with a `path` column (relative to SRC) and an identity column.")] = None,
+    identity_column: Annotated[str, typer.Option(help="Identity column of --labels.")] = "identity",
+    identity_from_folder: Annotated[bool, typer.Option("--identity-from-folder", help="Identity = the image's parent folder.")] = False,
+    only_labeled: Annotated[bool, typer.Option(help="Process only images listed in --labels.")] = False,
+    aligned: Annotated[bool, typer.Option(help="Images are already-aligned faces (CelebA-HQ, FFHQ): no detection.")] = False,
+    all_faces: Annotated[bool, typer.Option(help="Keep every face, not only the most confident one.")] = False,
+    margin: Annotated[float, typer.Option(help="Border added around the squared box, as a fraction of its side.")] = 0.0,
+    crop_size: Annotated[int, typer.Option(help="Side of the saved crops (paper: 256).")] = 256,
+    crop_format: Annotated[str, typer.Option(help="png (lossless) or jpg.")] = "png",
+    min_face: Annotated[int, typer.Option(help="Reject faces whose box is shorter than this (source pixels).")] = 40,
+    min_prob: Annotated[float, typer.Option(help="Ignore faces below this MTCNN probability.")] = 0.9,
+    detect_size: Annotated[int, typer.Option(help="Long side images are shrunk to for detection.")] = 1024,
+    max_pixels: Annotated[int, typer.Option(help="Reject larger images (decompression-bomb guard).")] = 64_000_000,
+    limit: Annotated[Optional[int], typer.Option(help="Only the first N images, sorted by path.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per MTCNN batch.")] = 8,
+    shard_size: Annotated[int, typer.Option(help="Images per resumable shard.")] = 128,
+    device: Device = "auto",
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+) -> None:
+    """Find faces with MTCNN, save square crops, write faces.parquet and rejects.parquet."""
+    from refbuild.detect import DetectConfig, run
+
+    if crop_format not in ("png", "jpg"):
+        raise typer.BadParameter("--crop-format is png or jpg")
+    if labels is not None and identity_from_folder:
+        raise typer.BadParameter("use --labels or --identity-from-folder, not both")
+    cfg = DetectConfig(
+        src=src, out=out, labels=labels, identity_column=identity_column,
+        identity_from="csv" if labels else ("folder" if identity_from_folder else "none"),
+        only_labeled=only_labeled, aligned=aligned, all_faces=all_faces, margin=margin, crop_size=crop_size,
+        crop_format=crop_format, min_face=min_face, min_prob=min_prob, detect_size=detect_size, max_pixels=max_pixels,
+        limit=limit, batch_size=batch_size, shard_size=shard_size, device=device, overwrite=overwrite, quiet=quiet)
+    try:
+        run(cfg)
+    except (RefbuildError, ManifestError) as e:
+        _fail(e)
+
+
+@app.command()
+def embed(
+    lib: Lib,
+    backbone: Annotated[str, typer.Option(help="vggface (VGG-16, the paper's) or pixels (baseline, no weights).")] = "vggface",
+    weights: Annotated[Optional[str], typer.Option(envvar="MSRFACE_VGGFACE_WEIGHTS", help="vgg_face_dag.pth, or 'random' (tests only, says so in every output).")] = None,
+    weights_sha256: Annotated[Optional[str], typer.Option(help="Refuse weights whose sha256 differs.")] = None,
+    layers: Annotated[str, typer.Option(help="VGG-16 feature indices (paper: 5,17,29).")] = "5,17,29",
+    grid: Annotated[Optional[int], typer.Option(help="Pool each layer to grid x grid (default: vggface 2, pixels 16).")] = None,
+    layer_norm: Annotated[str, typer.Option(help="l2 (each layer's vector to unit length) or none.")] = "l2",
+    views: Annotated[str, typer.Option(help="hr, lr or hr,lr. lr = the crop degraded by --lr-scale and back (for pair --query-view lr).")] = "hr",
+    lr_scale: Annotated[int, typer.Option(help="Degradation factor of the lr view.")] = 8,
+    batch_size: Annotated[int, typer.Option()] = 32,
+    shard_size: Annotated[int, typer.Option(help="Faces per resumable shard.")] = 1024,
+    device: Device = "auto",
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+) -> None:
+    """Multi-layer VGGFace features of every crop into features.parquet."""
+    from refbuild.embed import EmbedConfig, run
+
+    if layer_norm not in ("l2", "none"):
+        raise typer.BadParameter("--layer-norm is l2 or none")
+    layer_t = tuple(int(x) for x in _floats(layers, None, "--layers"))
+    try:
+        run(EmbedConfig(lib=lib, backbone=backbone, weights=weights, weights_sha256=weights_sha256, layers=layer_t,
+                        grid=grid, layer_norm=layer_norm, views=tuple(v.strip() for v in views.split(",")),
+                        lr_scale=lr_scale, batch_size=batch_size, shard_size=shard_size, device=device,
+                        overwrite=overwrite, quiet=quiet))
+    except (RefbuildError, ManifestError) as e:
+        _fail(e)
+
+
+@app.command()
+def split(
+    lib: Lib,
+    ratios: Annotated[str, typer.Option(help="train,val,test shares (paper: 14,3,1).")] = "14,3,1",
+    counts: Annotated[Optional[str], typer.Option(help="train,val,test face counts instead of ratios; the rest is 'unused'.")] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+    unlabeled: Annotated[str, typer.Option(help="Faces without identity: singleton (each photo its own identity) or exclude.")] = "singleton",
+    quiet: Quiet = False,
+) -> None:
+    """Identity-disjoint train/val/test split into splits.parquet."""
+    from refbuild.split import SplitConfig, run
+
+    if unlabeled not in ("singleton", "exclude"):
+        raise typer.BadParameter("--unlabeled is singleton or exclude")
+    cnt = _floats(counts, 3, "--counts")
+    try:
+        run(SplitConfig(lib=lib, ratios=_floats(ratios, 3, "--ratios"), counts=tuple(int(c) for c in cnt) if cnt else None,
+                        seed=seed, unlabeled=unlabeled, quiet=quiet))
+    except (RefbuildError, ManifestError) as e:
+        _fail(e)
+
+
+@app.command()
+def pair(
+    lib: Lib,
+    m: Annotated[int, typer.Option("-m", help="References per query (paper: 4 best, 5 stored).")] = 4,
+    queries: Annotated[Optional[Path], typer.Option(help="Pair the faces of this other library against LIB.")] = None,
+    query_view: Annotated[str, typer.Option(help="hr (paper) or lr (match on the query's own degraded view).")] = "hr",
+    pool: Annotated[str, typer.Option(help="train (leak-free, default) or all (the paper's whole library).")] = "train",
+    layer_weights: Annotated[Optional[str], typer.Option(help="One weight per layer for Eq. 2, e.g. 1,1,1.")] = None,
+    name: Annotated[Optional[str], typer.Option(help="Manifest name (default: the library folder's name).")] = None,
+    manifest_dir: Annotated[Path, typer.Option(help="Where data_manifests/<name>/ goes.")] = Path("data_manifests"),
+    device: Device = "auto",
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+) -> None:
+    """Top-m non-identity references by summed per-layer L1 (FAISS), and training manifests."""
+    from refbuild.pair import PairConfig, run
+
+    if query_view not in ("hr", "lr") or pool not in ("train", "all"):
+        raise typer.BadParameter("--query-view is hr or lr; --pool is train or all")
+    try:
+        run(PairConfig(lib=lib, m=m, queries=queries, query_view=query_view, pool=pool,
+                       layer_weights=_floats(layer_weights, None, "--layer-weights"), name=name,
+                       manifest_dir=manifest_dir, device=device, overwrite=overwrite, quiet=quiet))
+    except (RefbuildError, ManifestError) as e:
+        _fail(e)
+
+
+@app.command()
+def query(
+    lib: Lib,
+    sql: Annotated[str, typer.Argument(help="One SELECT over the views faces, rejects, features, features_lr, splits, pairs.")],
+    format: Annotated[str, typer.Option("--format", "-f", help="table, csv or json.")] = "table",
+    max_rows: Annotated[int, typer.Option(help="Rows shown by --format table.")] = 50,
+) -> None:
+    """Read-only DuckDB SQL over the library's Parquet files."""
+    from refbuild.db import run_query
+    from refbuild.library import Library
+
+    if format not in ("table", "csv", "json"):
+        raise typer.BadParameter("--format is table, csv or json")
+    try:
+        cols, rows = run_query(Library(lib), sql)
+    except RefbuildError as e:
+        _fail(e)
+    if format == "csv":
+        w = csv.writer(sys.stdout)
+        w.writerow(cols)
+        w.writerows(rows)
+    elif format == "json":
+        sys.stdout.write(json.dumps([dict(zip(cols, r)) for r in rows], default=str) + "\n")
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        t = Table(*cols, caption=f"{len(rows)} rows" + (f", first {max_rows} shown" if len(rows) > max_rows else ""))
+        for r in rows[:max_rows]:
+            t.add_row(*(_cell(v) for v in r))
+        Console().print(t)
+
+
+def _cell(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    s = str(v)
+    return s if len(s) <= 60 else s[:57] + "..."
+
+
+@app.command()
+def audit(
+    lib: Lib,
+    hashes: Annotated[bool, typer.Option(help="Re-hash source images against faces.src_sha256.")] = True,
+    manifest: Annotated[Optional[list[Path]], typer.Option(help="Manifests to check (default: those `pair` wrote).")] = None,
+    quiet: Quiet = False,
+) -> None:
+    """Check every invariant; list violations and exit 1 when there are any."""
+    from rich.table import Table
+
+    from refbuild.audit import AuditConfig, run
+
+    if not lib.is_dir():
+        _fail(RefbuildError(f"{lib}: library folder not found"))
+    checks = run(AuditConfig(lib=lib, hashes=hashes, manifests=tuple(manifest) if manifest else None))
+    bad = [c for c in checks if c.violations]
+    if not quiet:
+        t = Table("check", "checked", "violations", title=f"refbuild audit {lib}", title_justify="left")
+        for c in checks:
+            t.add_row(c.name, f"{c.checked:,}", f"[red]{len(c.violations)}[/]" if c.violations else "[green]0[/]")
+        console.print(t)
+    for c in bad:
+        for v in c.violations[:10]:
+            console.print(f"[red]violation[/] {c.name}: {v}", highlight=False, soft_wrap=True)
+        if len(c.violations) > 10:
+            console.print(f"  ... and {len(c.violations) - 10} more", highlight=False)
+    if bad:
+        console.print(f"[bold red]audit failed:[/] {sum(len(c.violations) for c in bad)} violations in {len(bad)} checks")
+        raise typer.Exit(1)
+    console.print(f"[green]audit passed:[/] {len(checks)} checks")
+
+
+def main() -> None:
+    os.environ.setdefault("KMP_DUPLICATE_LIB_OK", "TRUE")  # faiss and torch both ship OpenMP
+    app()

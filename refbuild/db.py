@@ -1,0 +1,70 @@
+"""All DuckDB SQL lives here: read-only views over a library's Parquet files.
+
+The connection may read only the library folder (DuckDB's allowed_directories
+with external access off and the configuration locked), and only SELECT
+statements are run, so a query cannot write or read anything else.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import duckdb
+
+from refbuild.errors import RefbuildError
+from refbuild.library import Library
+
+VIEWS = {
+    "faces": lambda lib: lib.faces,
+    "rejects": lambda lib: lib.rejects,
+    "features": lambda lib: lib.features("hr"),
+    "features_lr": lambda lib: lib.features("lr"),
+    "splits": lambda lib: lib.splits,
+    "pairs": lambda lib: lib.pairs,
+}
+
+
+def _quote(path: Path | str) -> str:
+    return "'" + str(path).replace("'", "''") + "'"
+
+
+def connect(lib: Library) -> tuple[duckdb.DuckDBPyConnection, list[str]]:
+    """An in-memory connection with one view per Parquet file present."""
+    root = lib.root.resolve()
+    if not root.is_dir():
+        raise RefbuildError(f"{lib.root}: library folder not found")
+    con = duckdb.connect(":memory:")
+    con.execute(f"SET allowed_directories=[{_quote(str(root) + '/')}]")
+    con.execute("SET enable_external_access=false")
+    con.execute("SET lock_configuration=true")
+    present = []
+    for name, where in VIEWS.items():
+        path = where(Library(root))
+        if path.is_file():
+            con.execute(f"CREATE VIEW {name} AS SELECT * FROM read_parquet({_quote(path)})")
+            present.append(name)
+    return con, present
+
+
+def run_query(lib: Library, sql: str) -> tuple[list[str], list[tuple]]:
+    """Run one read-only SELECT over the library's views; returns (columns, rows)."""
+    try:
+        statements = duckdb.extract_statements(sql)
+    except duckdb.Error as e:
+        raise RefbuildError(f"SQL does not parse: {str(e).splitlines()[0]}") from None
+    if len(statements) != 1 or statements[0].type != duckdb.StatementType.SELECT:
+        raise RefbuildError("refbuild query runs one read-only SELECT statement (WITH ... SELECT is fine)")
+    con, present = connect(lib)
+    try:
+        cur = con.execute(sql)
+        cols = [d[0] for d in cur.description]
+        return cols, cur.fetchall()
+    except duckdb.CatalogException as e:
+        raise RefbuildError(f"{str(e).splitlines()[0]} (views in {lib.root}: {', '.join(present) or 'none'})") from None
+    except duckdb.Error as e:
+        raise RefbuildError(f"query failed: {str(e).splitlines()[0]}") from None
+    finally:
+        con.close()
+
+
+def scalar(con: duckdb.DuckDBPyConnection, sql: str):
+    return con.execute(sql).fetchone()[0]

@@ -1,0 +1,248 @@
+"""Stage 1, `refbuild detect SRC --out LIB`: MTCNN face crops.
+
+The paper (Sec. II-A): "face detection is performed using MTCNN and the
+detected face is then resized to 256x256 according to the bounding box".
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+from PIL import Image
+
+from data_manifests import FACES, REJECTS, read_table
+from refbuild import shards
+from refbuild.errors import RefbuildError
+from refbuild.images import BadImage, Decoded, list_images, read_and_decode
+from refbuild.io import config_dict, library_lock, write_bytes, write_json, write_table
+from refbuild.library import Library
+from refbuild.progress import bar, summary
+
+IdentityFrom = Literal["csv", "folder", "none"]
+RUNTIME_FIELDS = ("device", "batch_size", "quiet", "overwrite")
+
+
+@dataclass(frozen=True)
+class DetectConfig:
+    src: Path
+    out: Path
+    labels: Path | None = None  # CSV with a `path` column (relative to src) and an identity column
+    identity_column: str = "identity"
+    identity_from: IdentityFrom = "none"  # csv when labels is given
+    only_labeled: bool = False  # process only images listed in labels
+    aligned: bool = False  # already-aligned faces: no detection, the whole image is the face
+    all_faces: bool = False  # keep every face, not only the most confident one
+    margin: float = 0.0  # extra border around the squared MTCNN box, as a fraction of its side
+    crop_size: int = 256
+    crop_format: Literal["png", "jpg"] = "png"
+    min_face: int = 40  # faces with a shorter box side (source px) are rejected
+    min_prob: float = 0.9  # faces below this MTCNN probability are ignored
+    detect_size: int = 1024
+    max_pixels: int = 64_000_000  # decompression-bomb guard
+    min_image_side: int = 16
+    limit: int | None = None  # only the first N images (sorted by path)
+    shard_size: int = 128
+    batch_size: int = 8
+    device: str = "auto"
+    quiet: bool = False
+    overwrite: bool = False
+    extra: dict = field(default_factory=dict)
+
+    def fingerprint(self) -> dict:
+        d = config_dict(self)
+        for k in RUNTIME_FIELDS:
+            d.pop(k)
+        return d
+
+
+def face_id(rel_path: str, index: int) -> str:
+    return f"{hashlib.sha256(rel_path.encode()).hexdigest()[:16]}-{index}"
+
+
+def read_labels(cfg: DetectConfig) -> dict[str, str]:
+    if cfg.labels is None:
+        return {}
+    if not cfg.labels.is_file():
+        raise RefbuildError(f"{cfg.labels}: labels file not found; pass a CSV with columns path,{cfg.identity_column}")
+    with open(cfg.labels, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        cols = reader.fieldnames or []
+        if "path" not in cols or cfg.identity_column not in cols:
+            raise RefbuildError(
+                f"{cfg.labels}: needs columns 'path' and '{cfg.identity_column}', found {cols}; "
+                "use --identity-column to name the identity column"
+            )
+        return {row["path"].strip(): row[cfg.identity_column].strip() for row in reader if row["path"].strip()}
+
+
+def identity_of(rel: str, labels: dict[str, str], cfg: DetectConfig) -> str | None:
+    if cfg.identity_from == "csv":
+        return labels.get(rel) or None
+    if cfg.identity_from == "folder":
+        parent = Path(rel).parent.as_posix()
+        return None if parent == "." else parent
+    return None
+
+
+def square_box(box: np.ndarray, margin: float) -> tuple[int, int, int, int]:
+    """The MTCNN box made square around its centre, grown by `margin` of its side."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    side = max(x1 - x0, y1 - y0) * (1.0 + margin)
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    left, top = round(cx - side / 2), round(cy - side / 2)
+    s = max(1, round(side))
+    return left, top, left + s, top + s
+
+
+def encode_crop(img: Image.Image, box: tuple[int, int, int, int], size: int, fmt: str) -> bytes:
+    crop = img.crop(box).resize((size, size), Image.BICUBIC)  # outside the image -> black
+    buf = io.BytesIO()
+    if fmt == "png":
+        crop.save(buf, format="PNG", compress_level=3)
+    else:
+        crop.save(buf, format="JPEG", quality=95, subsampling=0)
+    return buf.getvalue()
+
+
+def _crop_rel(fid: str, fmt: str) -> str:
+    return f"crops/{fid[:2]}/{fid}.{fmt}"
+
+
+def process_shard(rels: list[str], cfg: DetectConfig, labels: dict[str, str], detector) -> tuple[pa.Table, pa.Table]:
+    """The work: decode, detect, crop and record one shard of images. Never raises
+    for a bad image; it becomes a row of the rejects table."""
+    lib = Library(cfg.out)
+    faces: list[dict] = []
+    rejects: list[dict] = []
+    decoded: list[tuple[str, Decoded]] = []
+    for rel in rels:
+        try:
+            decoded.append((rel, read_and_decode(cfg.src / rel, max_pixels=cfg.max_pixels, min_side=cfg.min_image_side, name=rel)))
+        except BadImage as e:
+            sha = None
+            try:
+                sha = hashlib.sha256((cfg.src / rel).read_bytes()).hexdigest()
+            except OSError:
+                pass
+            rejects.append({"src_path": rel, "src_sha256": sha, "reason": e.reason, "detail": e.detail})
+    if cfg.aligned:
+        found = [None] * len(decoded)
+    else:
+        found = detector.detect([d.image for _, d in decoded], batch_size=cfg.batch_size)
+    for (rel, dec), res in zip(decoded, found):
+        w, h = dec.size
+        base = {"src_path": rel, "src_sha256": dec.sha256, "identity": identity_of(rel, labels, cfg), "img_w": w, "img_h": h}
+        if cfg.aligned:
+            side = min(w, h)
+            box = ((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side)
+            kept = [(np.array(box, np.float32), float("nan"), None)]
+            n_faces = 1
+        elif isinstance(res, Exception):
+            rejects.append({"src_path": rel, "src_sha256": dec.sha256, "reason": "detector_error", "detail": f"{rel}: {res}"})
+            continue
+        else:
+            n_faces = len(res)
+            confident = [i for i in range(n_faces) if res.probs[i] >= cfg.min_prob]
+            if not confident:
+                rejects.append({"src_path": rel, "src_sha256": dec.sha256, "reason": "no_face", "detail": f"{rel}: no face with probability >= {cfg.min_prob}"})
+                continue
+            big = [i for i in confident if min(res.boxes[i][2] - res.boxes[i][0], res.boxes[i][3] - res.boxes[i][1]) >= cfg.min_face]
+            if not big:
+                rejects.append({"src_path": rel, "src_sha256": dec.sha256, "reason": "face_too_small", "detail": f"{rel}: faces found are below {cfg.min_face} px"})
+                continue
+            kept = [(res.boxes[i], float(res.probs[i]), res.landmarks[i]) for i in (big if cfg.all_faces else big[:1])]
+        for k, (box, prob, lm) in enumerate(kept):
+            fid = face_id(rel, k)
+            crop_rel = _crop_rel(fid, cfg.crop_format)
+            sq = tuple(int(v) for v in box) if cfg.aligned else square_box(box, cfg.margin)
+            write_bytes(lib.root / crop_rel, encode_crop(dec.image, sq, cfg.crop_size, cfg.crop_format))
+            faces.append({
+                **base, "face_id": fid, "face_index": k, "n_faces": n_faces,
+                "box": [float(v) for v in box], "prob": prob,
+                "landmarks": None if lm is None else [float(v) for v in np.concatenate([lm[:, 0], lm[:, 1]])],
+                "crop_path": crop_rel,
+            })
+    return (pa.Table.from_pylist(faces, schema=FACES), pa.Table.from_pylist(rejects, schema=REJECTS))
+
+
+def plan(cfg: DetectConfig) -> tuple[list[str], list[dict]]:
+    """The sorted list of images to process, plus rejects known before any decoding."""
+    if not cfg.src.is_dir():
+        raise RefbuildError(f"{cfg.src}: source folder not found")
+    rels, outside = list_images(cfg.src)
+    labels = read_labels(cfg)
+    pre = [{"src_path": r, "src_sha256": None, "reason": "outside_source", "detail": f"{r}: link to {t} is outside {cfg.src}"} for r, t in outside]
+    if cfg.only_labeled:
+        if not labels:
+            raise RefbuildError("--only-labeled needs --labels")
+        rels = [r for r in rels if r in labels]
+    if cfg.limit is not None:
+        rels = rels[: cfg.limit]
+    elif labels:
+        present = set(rels) | {r for r, _ in outside}
+        pre += [{"src_path": r, "src_sha256": None, "reason": "missing_file", "detail": f"{r}: in {cfg.labels.name} but not in {cfg.src}"} for r in sorted(set(labels) - present)]
+    if not rels:
+        raise RefbuildError(f"{cfg.src}: no image files (.jpg .jpeg .png .webp .bmp .tif); point SRC at a folder of photos")
+    return rels, pre
+
+
+def run(cfg: DetectConfig) -> dict:
+    """Run the detect stage (resumable). Returns summary counts."""
+    if cfg.out.resolve().is_relative_to(cfg.src.resolve()):
+        raise RefbuildError(f"{cfg.out}: the library must not be inside the source folder {cfg.src}")
+    rels, pre_rejects = plan(cfg)
+    labels = read_labels(cfg)
+    lib = Library(cfg.out)
+    with library_lock(lib.root, "detect"):
+        wdir = shards.work_dir(lib.root, "detect")
+        shards.prepare(wdir, cfg.fingerprint() | {"n_images": len(rels)}, cfg.overwrite)
+        parts = shards.chunks(len(rels), cfg.shard_size)
+        todo = [i for i in range(len(parts)) if not shards.is_done(wdir, i)]
+        detector = None
+        if todo and not cfg.aligned:
+            from refbuild.detector import Detector
+
+            detector = Detector(device=cfg.device, detect_size=cfg.detect_size)
+        t0 = time.perf_counter()
+        done_images = sum(len(parts[i]) for i in range(len(parts)) if i not in set(todo))
+        with bar(cfg.quiet) as prog:
+            task = prog.add_task("detect", total=len(rels), completed=done_images)
+            for i in todo:
+                f, r = process_shard([rels[j] for j in parts[i]], cfg, labels, detector)
+                write_table(shards.shard_file(wdir, i, "faces"), f, "faces")
+                write_table(shards.shard_file(wdir, i, "rejects"), r, "rejects")
+                shards.mark_done(wdir, i)
+                prog.advance(task, len(parts[i]))
+        elapsed = time.perf_counter() - t0
+        faces = pa.concat_tables([read_table(shards.shard_file(wdir, i, "faces"), "faces") for i in range(len(parts))])
+        rejects = pa.concat_tables(
+            [pa.Table.from_pylist(pre_rejects, schema=REJECTS)]
+            + [read_table(shards.shard_file(wdir, i, "rejects"), "rejects") for i in range(len(parts))]
+        ).sort_by("src_path")
+        write_table(lib.rejects, rejects, "rejects")
+        write_table(lib.faces, faces, "faces", {"src_root": str(cfg.src.resolve())})
+        write_json(lib.config("detect"), config_dict(cfg) | {"n_images": len(rels)})
+    reasons: dict[str, int] = {}
+    for r in rejects.column("reason").to_pylist():
+        reasons[r] = reasons.get(r, 0) + 1
+    processed = sum(len(parts[i]) for i in todo)
+    stats = {
+        "images": len(rels),
+        "images_with_faces": len(set(faces.column("src_path").to_pylist())),
+        "faces": faces.num_rows,
+        "identities": len(set(x for x in faces.column("identity").to_pylist() if x is not None)),
+        "rejects": rejects.num_rows,
+        **{f"rejects:{k}": v for k, v in sorted(reasons.items())},
+        "processed_now": processed,
+        "seconds": round(elapsed, 1),
+        "images_per_s": round(processed / elapsed, 2) if processed and elapsed > 0 else None,
+    }
+    summary(f"refbuild detect -> {lib.root}", list(stats.items()), cfg.quiet)
+    return stats

@@ -1,0 +1,132 @@
+"""MTCNN (facenet-pytorch) behind one typed function.
+
+facenet-pytorch's `MTCNN.detect` needs one image size per batch, raises on a
+batch where some image has no face, and can attach probabilities/landmarks to
+the wrong box. We call its lower-level `detect_face` on letterboxed canvases
+instead: each image is shrunk so its long side is at most `detect_size`, padded
+(bottom/right, black) to a canvas rounded up to 32 px, and images that share a
+canvas are batched. Boxes and landmarks come back in source-image pixels.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+CANVAS_STEP = 32
+
+
+@dataclass(frozen=True)
+class Faces:
+    """Faces found in one image, most confident first. Empty arrays when none."""
+
+    boxes: np.ndarray  # N, 4 (x0, y0, x1, y1) float32, source pixels
+    probs: np.ndarray  # N float32
+    landmarks: np.ndarray  # N, 5, 2 (x, y) float32, source pixels
+
+    @staticmethod
+    def empty() -> "Faces":
+        return Faces(np.zeros((0, 4), np.float32), np.zeros((0,), np.float32), np.zeros((0, 5, 2), np.float32))
+
+    def __len__(self) -> int:
+        return len(self.probs)
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+class Detector:
+    """Batched MTCNN over images of mixed sizes.
+
+    Args:
+        device: "cpu", "cuda" or "auto".
+        detect_size: long side (px) images are shrunk to before detection.
+        min_face_det: smallest face MTCNN looks for, in detection pixels (its `minsize`).
+        thresholds: MTCNN's three stage thresholds.
+        factor: pyramid scale step.
+    """
+
+    def __init__(
+        self,
+        device: str = "auto",
+        detect_size: int = 1024,
+        min_face_det: int = 20,
+        thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7),
+        factor: float = 0.709,
+    ):
+        from facenet_pytorch.models.mtcnn import ONet, PNet, RNet  # weights ship in the package
+
+        self.device = torch.device(resolve_device(device))
+        self.pnet, self.rnet, self.onet = (net().to(self.device).eval() for net in (PNet, RNet, ONet))
+        self.detect_size = detect_size
+        self.min_face_det = min_face_det
+        self.thresholds = list(thresholds)
+        self.factor = factor
+
+    def _scale(self, size: tuple[int, int]) -> float:
+        return min(1.0, self.detect_size / max(size))
+
+    def _run(self, canvases: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        from facenet_pytorch.models.utils.detect_face import detect_face
+
+        with torch.inference_mode():
+            boxes, points = detect_face(
+                torch.from_numpy(canvases), self.min_face_det, self.pnet, self.rnet, self.onet,
+                self.thresholds, self.factor, self.device,
+            )
+        # object arrays whose shape depends on whether counts agree: normalise to lists
+        out_b = [np.asarray(boxes[i], dtype=np.float32).reshape(-1, 5) for i in range(len(canvases))]
+        out_p = [np.asarray(points[i], dtype=np.float32).reshape(-1, 5, 2) for i in range(len(canvases))]
+        return out_b, out_p
+
+    def detect(self, images: list[Image.Image], batch_size: int = 8) -> list[Faces | Exception]:
+        """Detect faces in RGB images. One result per image: `Faces`, or the exception
+        the detector raised on that image alone."""
+        results: list[Faces | Exception] = [Faces.empty()] * len(images)
+        groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+        small: list[np.ndarray] = []
+        for i, img in enumerate(images):
+            s = self._scale(img.size)
+            w, h = max(1, round(img.width * s)), max(1, round(img.height * s))
+            arr = np.asarray(img.resize((w, h), Image.BILINEAR) if s < 1 else img, dtype=np.uint8)
+            small.append(arr)
+            canvas = (-(-h // CANVAS_STEP) * CANVAS_STEP, -(-w // CANVAS_STEP) * CANVAS_STEP)
+            groups[canvas].append(i)
+        for (ch, cw), idx in sorted(groups.items()):
+            for start in range(0, len(idx), batch_size):
+                batch = idx[start : start + batch_size]
+                canv = np.zeros((len(batch), ch, cw, 3), np.uint8)  # B, H, W, 3
+                for j, i in enumerate(batch):
+                    canv[j, : small[i].shape[0], : small[i].shape[1]] = small[i]
+                try:
+                    outs = list(zip(*self._run(canv)))
+                except Exception:  # a batch failure must not take the other images with it
+                    outs = []
+                    for j in range(len(batch)):
+                        try:
+                            b, p = self._run(canv[j : j + 1])
+                            outs.append((b[0], p[0]))
+                        except Exception as e:
+                            outs.append(e)
+                for i, out in zip(batch, outs):
+                    results[i] = out if isinstance(out, Exception) else self._to_source(out, images[i].size, small[i].shape)
+        return results
+
+    def _to_source(self, out: tuple[np.ndarray, np.ndarray], size: tuple[int, int], shape: tuple[int, ...]) -> Faces:
+        b, p = out
+        h, w = shape[:2]
+        cx, cy = (b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2
+        keep = (cx < w) & (cy < h)  # a face centred in the padding is not in the image
+        b, p = b[keep], p[keep]
+        order = np.argsort(-b[:, 4], kind="stable")
+        b, p = b[order], p[order]
+        sx, sy = size[0] / w, size[1] / h
+        boxes = b[:, :4] * np.array([sx, sy, sx, sy], np.float32)
+        lms = p * np.array([sx, sy], np.float32)
+        return Faces(boxes.astype(np.float32), b[:, 4].astype(np.float32), lms.astype(np.float32))

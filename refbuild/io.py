@@ -1,0 +1,108 @@
+"""Atomic writes, hashing and the library lock.
+
+Every file a stage produces is written to a temp file beside its target and
+renamed into place, so a kill at any point leaves either the old file or the
+new one, never a partial one.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from data_manifests import check_table, with_metadata
+from refbuild.errors import RefbuildError
+
+TMP_PREFIX = ".tmp-"
+
+
+@contextlib.contextmanager
+def _atomic_path(target: Path) -> Iterator[Path]:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + target.name + ".", dir=target.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp_path, target)
+    except OSError as e:
+        tmp_path.unlink(missing_ok=True)
+        raise RefbuildError(f"{target}: could not write ({e.strerror or e}); free space or fix permissions and rerun") from e
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+def write_bytes(target: Path, data: bytes) -> None:
+    with _atomic_path(target) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_json(target: Path, obj: Any) -> None:
+    write_bytes(target, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def write_table(target: Path, table: pa.Table, schema_name: str, extra_meta: dict[str, str] | None = None) -> None:
+    """Check `table` against its schema, stamp it, and write it atomically."""
+    check_table(table, schema_name, str(target))
+    table = with_metadata(table, schema_name, extra_meta)
+    with _atomic_path(target) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def config_dict(cfg: Any) -> dict[str, Any]:
+    d = dataclasses.asdict(cfg)
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items()}
+
+
+def remove_orphan_temps(folder: Path) -> int:
+    """Delete temp files a killed run left behind in `folder` (not recursive)."""
+    n = 0
+    if folder.is_dir():
+        for p in folder.glob(TMP_PREFIX + "*"):
+            p.unlink(missing_ok=True)
+            n += 1
+    return n
+
+
+@contextlib.contextmanager
+def library_lock(lib: Path, stage: str) -> Iterator[None]:
+    """Hold an exclusive lock on the library for the duration of a writing stage."""
+    lib.mkdir(parents=True, exist_ok=True)
+    lock_path = lib / ".lock"
+    f = open(lock_path, "a+")
+    try:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise RefbuildError(
+                f"{lib}: library is locked by {holder}; wait for it to finish (or kill it) and rerun"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"refbuild {stage} (pid {os.getpid()})")
+        f.flush()
+        yield
+    finally:
+        f.close()

@@ -1,0 +1,250 @@
+"""Stage 4, `refbuild pair LIB -m 4`: top-m non-identity references (Eqs. 2-3).
+
+D(Q, R) = sum_l |F_Q^l - F_R^l|_1 over the layers embed stored, searched
+exactly with a FAISS flat METRIC_L1 index (IndexFlat; on GPU when faiss-gpu and
+CUDA are there). Per-layer weights w_l scale each slice, so the weighted sum of
+per-layer L1 distances is one L1 distance over the scaled concatenation.
+
+Exclusions are per query (same identity group, same identity label, same photo
+by sha256, or distance ~0), so we search k = m + the largest excluded set any
+query can have, filter, and search again wider for the rare query left short.
+This is also what works on GPU, where FAISS ignores IDSelector.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+
+from data_manifests import PAIRS, TRAINING_MANIFEST, metadata, read_table
+from refbuild import shards
+from refbuild.errors import RefbuildError
+from refbuild.io import config_dict, library_lock, sha256_file, write_json, write_table
+from refbuild.library import Library
+from refbuild.progress import bar, summary
+
+DUP_EPS = 1e-4  # distances below this (per dimension, mean) count as the same photo
+
+
+@dataclass(frozen=True)
+class PairConfig:
+    lib: Path
+    m: int = 4
+    queries: Path | None = None  # another library whose faces are paired against this one
+    query_view: Literal["hr", "lr"] = "hr"
+    pool: Literal["train", "all"] = "train"  # train: leak-free; all: the paper's whole library
+    layer_weights: tuple[float, ...] | None = None  # one per layer; default all 1
+    name: str | None = None  # manifest name; default: the library folder's name
+    manifest_dir: Path = Path("data_manifests")
+    query_chunk: int = 2048
+    device: str = "auto"
+    quiet: bool = False
+    overwrite: bool = False
+
+
+@dataclass
+class Side:
+    """The faces of one library joined with their splits and features."""
+
+    lib: Library
+    face_ids: list[str]
+    identity: list[str | None]
+    sha: list[str]
+    group: list[str | None]
+    split: list[str]
+    crop: list[str]
+    feats: np.ndarray  # N, D float32
+    meta: dict[str, str]
+
+
+def load_side(lib: Library, view: str, need_splits: bool) -> Side:
+    faces = read_table(lib.require(lib.faces, "detect"), "faces")
+    fpath = lib.features(view)
+    if not fpath.is_file():
+        flag = "--views hr,lr" if view == "lr" else ""
+        raise RefbuildError(f"{fpath}: missing; run `refbuild embed {lib.root} {flag}` first".replace("  ", " "))
+    feats = read_table(fpath, "features")
+    fids = faces.column("face_id").to_pylist()
+    if feats.column("face_id").to_pylist() != fids:
+        raise RefbuildError(f"{fpath}: faces changed since embedding; rerun `refbuild embed {lib.root} --overwrite`")
+    if lib.splits.is_file():
+        sp = read_table(lib.splits, "splits")
+        if sp.column("face_id").to_pylist() != fids:
+            raise RefbuildError(f"{lib.splits}: faces changed since splitting; rerun `refbuild split {lib.root}`")
+        split, group = sp.column("split").to_pylist(), sp.column("group").to_pylist()
+    elif need_splits:
+        raise RefbuildError(f"{lib.splits}: missing; run `refbuild split {lib.root}` first")
+    else:
+        split, group = ["test"] * len(fids), [None] * len(fids)
+    col = feats.column("features").combine_chunks()
+    dim = col.type.list_size
+    mat = col.values.to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32, copy=False)
+    return Side(lib, fids, faces.column("identity").to_pylist(), faces.column("src_sha256").to_pylist(), group, split,
+                faces.column("crop_path").to_pylist(), mat, metadata(fpath))
+
+
+def weight_vector(meta: dict[str, str], weights: tuple[float, ...] | None) -> np.ndarray:
+    slices = json.loads(meta["slices"])
+    w = np.ones(slices[-1][1], np.float32)
+    if weights is None:
+        return w
+    if len(weights) != len(slices) or any(x <= 0 for x in weights):
+        raise RefbuildError(f"--layer-weights needs {len(slices)} positive numbers (layers {meta['layers']})")
+    for (a, b), x in zip(slices, weights):
+        w[a:b] = x
+    return w
+
+
+def make_index(pool: np.ndarray, device: str):
+    import faiss
+
+    index = faiss.IndexFlat(pool.shape[1], faiss.METRIC_L1)
+    index.add(pool)
+    want_gpu = device == "cuda" or (device == "auto" and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0)
+    if want_gpu:
+        if not hasattr(faiss, "StandardGpuResources"):
+            raise RefbuildError("--device cuda needs faiss on CUDA: pip install 'msrface[gpu]'")
+        res = faiss.StandardGpuResources()
+        index = faiss.index_cpu_to_gpu(res, 0, index)
+        index._msrface_res = res  # keep the resources alive with the index
+    return index, want_gpu
+
+
+def search_chunk(index, q: np.ndarray, qi: list[int], query: Side, pool: Side, pool_rows: np.ndarray, m: int, k0: int,
+                 gpu: bool, cross: bool) -> list[dict]:
+    """Top-m valid references for the queries `qi` (rows of `query`)."""
+    k_max = min(len(pool_rows), 2048) if gpu else len(pool_rows)  # faiss-gpu caps k at 2048
+    k = min(k0, len(pool_rows))
+    eps = DUP_EPS * q.shape[1]
+
+    def pick(i: int, dist: np.ndarray, idx: np.ndarray) -> list[tuple[int, float]]:
+        chosen = []
+        for d, j in zip(dist, idx):
+            if j < 0:
+                break
+            p = int(pool_rows[j])
+            same_person = (query.identity[i] is not None and pool.identity[p] == query.identity[i]) or (
+                not cross and query.group[i] is not None and pool.group[p] == query.group[i])
+            if d <= eps or pool.sha[p] == query.sha[i] or same_person:
+                continue
+            chosen.append((p, float(d)))
+            if len(chosen) == m:
+                break
+        return chosen
+
+    dist, idx = index.search(q, k)
+    rows = []
+    for r, i in enumerate(qi):
+        chosen = pick(i, dist[r], idx[r])
+        if len(chosen) < m and k < k_max:  # rare: many excluded neighbours; search wider
+            d2, i2 = index.search(q[r : r + 1], k_max)
+            chosen = pick(i, d2[0], i2[0])
+        rows.append({
+            "query_face_id": query.face_ids[i], "query_library": str(query.lib.root.resolve()) if cross else "self",
+            "query_split": query.split[i], "query_identity": query.identity[i], "n_refs": len(chosen),
+            "ref_face_ids": [pool.face_ids[p] for p, _ in chosen],
+            "ref_identities": [pool.identity[p] for p, _ in chosen],
+            "ref_distances": [d for _, d in chosen],
+        })
+    return rows
+
+
+def write_manifests(pairs: pa.Table, query: Side, pool: Side, cfg: PairConfig, meta: dict[str, str]) -> dict[str, Path]:
+    name = cfg.name or cfg.lib.resolve().name
+    out_dir = cfg.manifest_dir / name
+    crop_of_q = dict(zip(query.face_ids, query.crop))
+    crop_of_p = dict(zip(pool.face_ids, pool.crop))
+    rows = pairs.to_pylist()
+    written = {}
+    for split in ("train", "val", "test"):
+        sel = [r for r in rows if r["query_split"] == split and r["n_refs"] == cfg.m]
+        t = pa.Table.from_pylist([{
+            "face_id": r["query_face_id"], "hr_path": crop_of_q[r["query_face_id"]], "identity": r["query_identity"],
+            "split": split, "ref_face_ids": r["ref_face_ids"], "ref_paths": [crop_of_p[f] for f in r["ref_face_ids"]],
+            "ref_identities": r["ref_identities"], "ref_distances": r["ref_distances"], "schema_version": 1,
+        } for r in sel], schema=TRAINING_MANIFEST)
+        path = out_dir / f"{split}.parquet"
+        write_table(path, t, "training_manifest", meta | {
+            "hr_root": str(query.lib.root.resolve()), "ref_root": str(pool.lib.root.resolve()), "m": str(cfg.m), "split": split})
+        written[split] = path
+    return written
+
+
+def run(cfg: PairConfig) -> dict:
+    if not 1 <= cfg.m <= 64:
+        raise RefbuildError(f"-m {cfg.m}: need 1 to 64 references per query")
+    lib = Library(cfg.lib)
+    cross = cfg.queries is not None and cfg.queries.resolve() != cfg.lib.resolve()
+    pool_side = load_side(lib, "hr", need_splits=cfg.pool == "train")
+    query = load_side(Library(cfg.queries), cfg.query_view, need_splits=False) if cross else (
+        load_side(lib, cfg.query_view, need_splits=True) if cfg.query_view != "hr" else pool_side)
+    for key in ("backbone", "weights_id", "slices", "grid", "layer_norm"):
+        if query.meta.get(key) != pool_side.meta.get(key):
+            raise RefbuildError(f"{query.lib.features(cfg.query_view)}: {key} differs from {lib.features('hr')}; "
+                                "embed both with the same backbone, weights and options")
+    pool_rows = np.array([i for i, s in enumerate(pool_side.split) if cfg.pool == "all" or s == "train"], dtype=np.int64)
+    q_rows = [i for i, s in enumerate(query.split) if s != "unused"]
+    if len(pool_rows) == 0:
+        raise RefbuildError(f"{lib.root}: the reference pool ({cfg.pool}) is empty; run `refbuild split` with a train share")
+    w = weight_vector(pool_side.meta, cfg.layer_weights)
+    pool_mat = np.ascontiguousarray(pool_side.feats[pool_rows] * w)
+    group_sizes: dict = {}
+    for p in pool_rows:
+        for key in (("g", pool_side.group[p]), ("i", pool_side.identity[p]), ("s", pool_side.sha[p])):
+            if key[1] is not None:
+                group_sizes[key] = group_sizes.get(key, 0) + 1
+    k0 = cfg.m + 2 * max(group_sizes.values(), default=0) + 8
+    fingerprint = config_dict(cfg) | {
+        "pool_features": sha256_file(lib.features("hr")), "query_features": sha256_file(query.lib.features(cfg.query_view)),
+        "splits": sha256_file(lib.splits) if lib.splits.is_file() else None}
+    for k in ("device", "quiet", "overwrite", "name", "manifest_dir"):
+        fingerprint.pop(k)
+    t0 = time.perf_counter()
+    with library_lock(lib.root, "pair"):
+        wdir = shards.work_dir(lib.root, "pair")
+        shards.prepare(wdir, fingerprint, cfg.overwrite)
+        index, gpu = make_index(pool_mat, cfg.device)
+        parts = shards.chunks(len(q_rows), cfg.query_chunk)
+        with bar(cfg.quiet) as prog:
+            task = prog.add_task("pair", total=len(q_rows))
+            for s, r in enumerate(parts):
+                if not shards.is_done(wdir, s):
+                    qi = [q_rows[j] for j in r]
+                    q = np.ascontiguousarray(query.feats[qi] * w)
+                    rows = search_chunk(index, q, qi, query, pool_side, pool_rows, cfg.m, k0, gpu, cross)
+                    write_table(shards.shard_file(wdir, s, "pairs"), pa.Table.from_pylist(rows, schema=PAIRS), "pairs")
+                    shards.mark_done(wdir, s)
+                prog.advance(task, len(r))
+        tables = [read_table(shards.shard_file(wdir, s, "pairs"), "pairs") for s in range(len(parts))]
+        pairs = pa.concat_tables(tables) if tables else pa.Table.from_pylist([], schema=PAIRS)
+        meta = {k: pool_side.meta.get(k, "") for k in ("backbone", "weights_id", "note", "layers", "grid")} | {
+            "m": str(cfg.m), "pool": cfg.pool, "query_view": cfg.query_view,
+            "query_library": str(query.lib.root.resolve()) if cross else "self"}
+        write_table(lib.pairs, pairs, "pairs", meta)
+        manifests = write_manifests(pairs, query, pool_side, cfg, meta)
+        write_json(lib.config("pair"), config_dict(cfg) | {"manifests": {k: str(v) for k, v in manifests.items()}, "k0": k0, "gpu": gpu})
+    elapsed = time.perf_counter() - t0
+    n_refs = pairs.column("n_refs").to_numpy() if pairs.num_rows else np.zeros(0)
+    short = int((n_refs < cfg.m).sum())
+    if pairs.num_rows and short == pairs.num_rows:
+        raise RefbuildError(f"{lib.root}: no query has {cfg.m} valid references in a pool of {len(pool_rows)} faces; "
+                            "lower -m or add faces of more identities")
+    stats = {"queries": pairs.num_rows, "pool_faces": len(pool_rows), "m": cfg.m, "k_searched": k0,
+             "short_of_m (left out of manifests)": short, "index": "faiss GPU flat L1" if gpu else "faiss CPU flat L1",
+             "seconds": round(elapsed, 1), "queries_per_s": round(pairs.num_rows / elapsed, 1) if elapsed > 0 else None,
+             "features": pool_side.meta.get("note", "")}
+    for split, path in manifests.items():
+        stats[f"manifest {split}"] = f"{path} ({pq_rows(path)} rows)"
+    summary(f"refbuild pair -> {lib.pairs}", list(stats.items()), cfg.quiet)
+    return stats
+
+
+def pq_rows(path: Path) -> int:
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(path).metadata.num_rows
