@@ -32,7 +32,7 @@ def connect(lib: Library) -> tuple[duckdb.DuckDBPyConnection, list[str]]:
     root = lib.root.resolve()
     if not root.is_dir():
         raise RefbuildError(f"{lib.root}: library folder not found")
-    con = duckdb.connect(":memory:")
+    con = duckdb.connect(":memory:", config={"temp_directory": ""})  # DuckDB allows reads of its temp dir (<cwd>/.tmp)
     con.execute(f"SET allowed_directories=[{_quote(str(root) + '/')}]")
     con.execute("SET enable_external_access=false")
     con.execute("SET lock_configuration=true")

@@ -179,6 +179,10 @@ def plan(cfg: DetectConfig) -> tuple[list[str], list[dict]]:
     rels, outside = list_images(cfg.src)
     labels = read_labels(cfg)
     pre = [{"src_path": r, "src_sha256": None, "reason": "outside_source", "detail": f"{r}: link to {t} is outside {cfg.src}"} for r, t in outside]
+    if labels and not set(labels) & set(rels):
+        example = next(iter(labels))
+        raise RefbuildError(f"{cfg.labels}: none of its {len(labels)} paths (e.g. {example!r}) is an image under {cfg.src}; "
+                            "paths must be relative to SRC")
     if cfg.only_labeled:
         if not labels:
             raise RefbuildError("--only-labeled needs --labels")
