@@ -59,7 +59,7 @@ def detect(
     crop_size: Annotated[int, typer.Option(help="Side of the saved crops (paper: 256).")] = 256,
     crop_format: Annotated[str, typer.Option(help="png (lossless) or jpg.")] = "png",
     min_face: Annotated[int, typer.Option(help="Reject faces whose box is shorter than this (source pixels).")] = 40,
-    min_prob: Annotated[float, typer.Option(help="Ignore faces below this MTCNN probability.")] = 0.9,
+    min_prob: Annotated[float, typer.Option(help="Ignore faces below this MTCNN probability.")] = 0.95,
     detect_size: Annotated[int, typer.Option(help="Long side images are shrunk to for detection.")] = 1024,
     max_pixels: Annotated[int, typer.Option(help="Reject larger images (decompression-bomb guard).")] = 64_000_000,
     limit: Annotated[Optional[int], typer.Option(help="Only the first N images, sorted by path.")] = None,

@@ -43,7 +43,7 @@ class DetectConfig:
     crop_size: int = 256
     crop_format: Literal["png", "jpg"] = "png"
     min_face: int = 40  # faces with a shorter box side (source px) are rejected
-    min_prob: float = 0.9  # faces below this MTCNN probability are ignored
+    min_prob: float = 0.95  # faces below this MTCNN probability are ignored
     detect_size: int = 1024
     max_pixels: int = 64_000_000  # decompression-bomb guard
     min_image_side: int = 16
@@ -213,7 +213,7 @@ def run(cfg: DetectConfig) -> dict:
         if todo and not cfg.aligned:
             from refbuild.detector import Detector
 
-            detector = Detector(device=cfg.device, detect_size=cfg.detect_size)
+            detector = Detector(device=cfg.device, detect_size=cfg.detect_size, min_face=cfg.min_face)
         t0 = time.perf_counter()
         done_images = sum(len(parts[i]) for i in range(len(parts)) if i not in set(todo))
         with bar(cfg.quiet) as prog:

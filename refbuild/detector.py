@@ -47,7 +47,10 @@ class Detector:
     Args:
         device: "cpu", "cuda" or "auto".
         detect_size: long side (px) images are shrunk to before detection.
-        min_face_det: smallest face MTCNN looks for, in detection pixels (its `minsize`).
+        min_face: smallest face wanted, in source pixels. MTCNN's pyramid starts at the
+            scale where such a face is `minsize` = max(min_face_det, min_face x shrink)
+            detection pixels, so no time goes to faces the stage would reject.
+        min_face_det: floor of MTCNN's `minsize`, in detection pixels.
         thresholds: MTCNN's three stage thresholds.
         factor: pyramid scale step.
     """
@@ -56,6 +59,7 @@ class Detector:
         self,
         device: str = "auto",
         detect_size: int = 1024,
+        min_face: int = 40,
         min_face_det: int = 20,
         thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7),
         factor: float = 0.709,
@@ -65,6 +69,7 @@ class Detector:
         self.device = torch.device(resolve_device(device))
         self.pnet, self.rnet, self.onet = (net().to(self.device).eval() for net in (PNet, RNet, ONet))
         self.detect_size = detect_size
+        self.min_face = min_face
         self.min_face_det = min_face_det
         self.thresholds = list(thresholds)
         self.factor = factor
@@ -72,12 +77,15 @@ class Detector:
     def _scale(self, size: tuple[int, int]) -> float:
         return min(1.0, self.detect_size / max(size))
 
-    def _run(self, canvases: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    def _minsize(self, size: tuple[int, int]) -> int:
+        return max(self.min_face_det, int(self.min_face * self._scale(size)) // 4 * 4)
+
+    def _run(self, canvases: np.ndarray, minsize: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
         from facenet_pytorch.models.utils.detect_face import detect_face
 
         with torch.inference_mode():
             boxes, points = detect_face(
-                torch.from_numpy(canvases), self.min_face_det, self.pnet, self.rnet, self.onet,
+                torch.from_numpy(canvases), minsize, self.pnet, self.rnet, self.onet,
                 self.thresholds, self.factor, self.device,
             )
         # object arrays whose shape depends on whether counts agree: normalise to lists
@@ -89,7 +97,7 @@ class Detector:
         """Detect faces in RGB images. One result per image: `Faces`, or the exception
         the detector raised on that image alone."""
         results: list[Faces | Exception] = [Faces.empty()] * len(images)
-        groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+        groups: dict[tuple[int, int, int], list[int]] = defaultdict(list)
         small: list[np.ndarray] = []
         for i, img in enumerate(images):
             s = self._scale(img.size)
@@ -97,20 +105,20 @@ class Detector:
             arr = np.asarray(img.resize((w, h), Image.BILINEAR) if s < 1 else img, dtype=np.uint8)
             small.append(arr)
             canvas = (-(-h // CANVAS_STEP) * CANVAS_STEP, -(-w // CANVAS_STEP) * CANVAS_STEP)
-            groups[canvas].append(i)
-        for (ch, cw), idx in sorted(groups.items()):
+            groups[canvas + (self._minsize(img.size),)].append(i)
+        for (ch, cw, minsize), idx in sorted(groups.items()):
             for start in range(0, len(idx), batch_size):
                 batch = idx[start : start + batch_size]
                 canv = np.zeros((len(batch), ch, cw, 3), np.uint8)  # B, H, W, 3
                 for j, i in enumerate(batch):
                     canv[j, : small[i].shape[0], : small[i].shape[1]] = small[i]
                 try:
-                    outs = list(zip(*self._run(canv)))
+                    outs = list(zip(*self._run(canv, minsize)))
                 except Exception:  # a batch failure must not take the other images with it
                     outs = []
                     for j in range(len(batch)):
                         try:
-                            b, p = self._run(canv[j : j + 1])
+                            b, p = self._run(canv[j : j + 1], minsize)
                             outs.append((b[0], p[0]))
                         except Exception as e:
                             outs.append(e)
