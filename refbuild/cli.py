@@ -24,7 +24,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 Lib = Annotated[Path, typer.Argument(help="Library folder (written by `refbuild detect --out`).")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or summary tables.")]
-Overwrite = Annotated[bool, typer.Option(help="Discard unfinished work of an earlier run with other settings.")]
+Overwrite = Annotated[bool, typer.Option(help="Start again from scratch (needed only to abandon an unfinished run that used other settings).")]
 Device = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
 
 
@@ -239,6 +239,26 @@ def audit(
         console.print(f"[bold red]audit failed:[/] {sum(len(c.violations) for c in bad)} violations in {len(bad)} checks")
         raise typer.Exit(1)
     console.print(f"[green]audit passed:[/] {len(checks)} checks")
+
+
+@app.command()
+def report(
+    lib: Lib,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Report folder to write (index.html, thumbs/); movable, opens offline.")],
+    thumb_size: Annotated[int, typer.Option(help="Longest side of the JPEG thumbnails.")] = 96,
+    quality: Annotated[int, typer.Option(help="JPEG quality of the thumbnails (1-95).")] = 85,
+    page_size: Annotated[int, typer.Option(help="Cards per gallery page.")] = 50,
+    workers: Annotated[int, typer.Option(help="Threads making thumbnails.")] = 8,
+    quiet: Quiet = False,
+) -> None:
+    """One static HTML page: summary, histograms, query/reference and rejects galleries."""
+    from refbuild.report import ReportConfig, run
+
+    try:
+        run(ReportConfig(lib=lib, out=out, thumb_size=thumb_size, quality=quality, page_size=page_size,
+                         workers=workers, quiet=quiet))
+    except (RefbuildError, ManifestError) as e:
+        _fail(e)
 
 
 def main() -> None:

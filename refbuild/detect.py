@@ -57,7 +57,7 @@ class DetectConfig:
 
     def fingerprint(self) -> dict:
         d = config_dict(self)
-        for k in RUNTIME_FIELDS:
+        for k in RUNTIME_FIELDS + ("out",):  # a moved library resumes too
             d.pop(k)
         return d
 
@@ -233,6 +233,7 @@ def run(cfg: DetectConfig) -> dict:
         write_table(lib.rejects, rejects, "rejects")
         write_table(lib.faces, faces, "faces", {"src_root": str(cfg.src.resolve())})
         write_json(lib.config("detect"), config_dict(cfg) | {"n_images": len(rels)})
+        shards.finish(wdir)
     reasons: dict[str, int] = {}
     for r in rejects.column("reason").to_pylist():
         reasons[r] = reasons.get(r, 0) + 1

@@ -131,7 +131,7 @@ def run(cfg: EmbedConfig) -> dict:
         for view in cfg.views:
             wdir = shards.work_dir(lib.root, f"embed-{view}")
             fp = config_dict(cfg) | {"view": view, "weights_id": backbone.weights_id, "n_faces": len(ids), "grid": grid}
-            for k in RUNTIME_FIELDS + ("views",):
+            for k in RUNTIME_FIELDS + ("views", "lib"):
                 fp.pop(k, None)
             shards.prepare(wdir, fp, cfg.overwrite)
             parts = shards.chunks(len(ids), cfg.shard_size)
@@ -146,6 +146,7 @@ def run(cfg: EmbedConfig) -> dict:
                     prog.advance(task, len(r))
             table = pa.concat_tables([read_table(shards.shard_file(wdir, i, "features"), "features") for i in range(len(parts))])
             write_table(lib.features(view), table, "features", meta | {"view": view})
+            shards.finish(wdir)
         write_json(lib.config("embed"), config_dict(cfg) | {"grid": grid, "dim": dim, "weights_id": backbone.weights_id, "note": backbone.note})
     elapsed = time.perf_counter() - t0
     stats |= {"views": ",".join(cfg.views), "embedded_now": processed, "seconds": round(elapsed, 1),

@@ -77,11 +77,11 @@ def config_dict(cfg: Any) -> dict[str, Any]:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items()}
 
 
-def remove_orphan_temps(folder: Path) -> int:
-    """Delete temp files a killed run left behind in `folder` (not recursive)."""
+def remove_orphan_temps(folder: Path, recursive: bool = False) -> int:
+    """Delete temp files a killed run left behind in `folder` (and below it if `recursive`)."""
     n = 0
     if folder.is_dir():
-        for p in folder.glob(TMP_PREFIX + "*"):
+        for p in (folder.rglob if recursive else folder.glob)(TMP_PREFIX + "*"):
             p.unlink(missing_ok=True)
             n += 1
     return n
@@ -106,6 +106,7 @@ def library_lock(lib: Path, stage: str) -> Iterator[None]:
         f.truncate()
         f.write(f"refbuild {stage} (pid {os.getpid()})")
         f.flush()
+        remove_orphan_temps(lib, recursive=True)  # no writer but us now: every temp file is a killed run's
         yield
     finally:
         f.close()

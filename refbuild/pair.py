@@ -24,7 +24,7 @@ import pyarrow as pa
 from data_manifests import PAIRS, TRAINING_MANIFEST, metadata, read_table
 from refbuild import shards
 from refbuild.errors import RefbuildError
-from refbuild.io import config_dict, library_lock, sha256_file, write_json, write_table
+from refbuild.io import config_dict, library_lock, remove_orphan_temps, sha256_file, write_json, write_table
 from refbuild.library import Library
 from refbuild.progress import bar, summary
 
@@ -157,6 +157,7 @@ def search_chunk(index, q: np.ndarray, qi: list[int], query: Side, pool: Side, p
 def write_manifests(pairs: pa.Table, query: Side, pool: Side, cfg: PairConfig, meta: dict[str, str]) -> dict[str, Path]:
     name = cfg.name or cfg.lib.resolve().name
     out_dir = cfg.manifest_dir / name
+    remove_orphan_temps(out_dir)  # left by a killed run; the library lock does not cover this folder
     crop_of_q = dict(zip(query.face_ids, query.crop))
     crop_of_p = dict(zip(pool.face_ids, pool.crop))
     rows = pairs.to_pylist()
@@ -202,7 +203,7 @@ def run(cfg: PairConfig) -> dict:
     fingerprint = config_dict(cfg) | {
         "pool_features": sha256_file(lib.features("hr")), "query_features": sha256_file(query.lib.features(cfg.query_view)),
         "splits": sha256_file(lib.splits) if lib.splits.is_file() else None}
-    for k in ("device", "quiet", "overwrite", "name", "manifest_dir"):
+    for k in ("device", "quiet", "overwrite", "name", "manifest_dir", "lib"):
         fingerprint.pop(k)
     t0 = time.perf_counter()
     with library_lock(lib.root, "pair"):
@@ -227,6 +228,7 @@ def run(cfg: PairConfig) -> dict:
             "query_library": str(query.lib.root.resolve()) if cross else "self"}
         write_table(lib.pairs, pairs, "pairs", meta)
         manifests = write_manifests(pairs, query, pool_side, cfg, meta)
+        shards.finish(wdir)
         write_json(lib.config("pair"), config_dict(cfg) | {"manifests": {k: str(v) for k, v in manifests.items()}, "k0": k0, "gpu": gpu})
     elapsed = time.perf_counter() - t0
     n_refs = pairs.column("n_refs").to_numpy() if pairs.num_rows else np.zeros(0)

@@ -23,23 +23,31 @@ def work_dir(lib: Path, stage: str) -> Path:
 def prepare(wdir: Path, fingerprint: dict[str, Any], overwrite: bool) -> None:
     """Make `wdir` ready for a run whose result-affecting settings are `fingerprint`.
 
-    Finished shards of an earlier run are kept only when that run had the same
-    fingerprint; otherwise the run is refused unless `overwrite` is set.
+    Finished shards of an earlier run are kept when that run had the same
+    fingerprint. An earlier run with other settings that completed is replaced;
+    one that did not complete is refused unless `overwrite` is set, so a resume
+    with a mistyped option never mixes two configurations.
     """
     fp_path = wdir / "fingerprint.json"
-    if fp_path.exists() and overwrite:
-        shutil.rmtree(wdir)
+    want = json.loads(json.dumps(fingerprint, default=str))
     if fp_path.exists():
         old = json.loads(fp_path.read_text())
-        if old != json.loads(json.dumps(fingerprint, default=str)):
-            changed = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
+        if overwrite or (old != want and (wdir / "complete").exists()):
+            shutil.rmtree(wdir)
+        elif old != want:
+            changed = sorted(k for k in set(old) | set(want) if old.get(k) != want.get(k))
             raise RefbuildError(
-                f"{wdir}: an earlier run used other settings ({', '.join(changed)}); "
-                "rerun with the same options to resume, or add --overwrite to start again"
+                f"{wdir}: an unfinished earlier run used other settings ({', '.join(changed)}); "
+                "rerun with the same options to resume it, or add --overwrite to discard it"
             )
     wdir.mkdir(parents=True, exist_ok=True)
     remove_orphan_temps(wdir)
     write_json(fp_path, fingerprint)
+
+
+def finish(wdir: Path) -> None:
+    """Mark the stage's run complete (its final outputs are in place)."""
+    write_bytes(wdir / "complete", b"")
 
 
 def shard_file(wdir: Path, index: int, kind: str) -> Path:
