@@ -26,6 +26,8 @@ Lib = Annotated[Path, typer.Argument(help="Library folder (written by `refbuild 
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or summary tables.")]
 Overwrite = Annotated[bool, typer.Option(help="Start again from scratch (needed only to abandon an unfinished run that used other settings).")]
 Device = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
+Workers = Annotated[int, typer.Option(help="Worker processes (local engine) or actors (ray engine); 0: one per CPU core (one on GPU). Outputs do not depend on it.")]
+Engine = Annotated[str, typer.Option(help="local (processes on this machine) or ray (Ray Data; pip install 'msrface[ray]').")]
 
 
 def _floats(text: str | None, n: int | None, opt: str) -> tuple[float, ...] | None:
@@ -38,6 +40,13 @@ def _floats(text: str | None, n: int | None, opt: str) -> tuple[float, ...] | No
     if n is not None and len(vals) != n:
         raise typer.BadParameter(f"{opt} takes {n} comma-separated numbers, got {text!r}")
     return vals
+
+
+def _check_engine(engine: str, workers: int) -> None:
+    if engine not in ("local", "ray"):
+        raise typer.BadParameter(f"--engine is local or ray, not {engine!r}")
+    if workers < 0:
+        raise typer.BadParameter("--workers must be 0 (auto) or more")
 
 
 def _fail(e: Exception) -> None:
@@ -66,12 +75,15 @@ def detect(
     batch_size: Annotated[int, typer.Option(help="Images per MTCNN batch.")] = 8,
     shard_size: Annotated[int, typer.Option(help="Images per resumable shard.")] = 128,
     device: Device = "auto",
+    workers: Workers = 0,
+    engine: Engine = "local",
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
     """Find faces with MTCNN, save square crops, write faces.parquet and rejects.parquet."""
     from refbuild.detect import DetectConfig, run
 
+    _check_engine(engine, workers)
     if crop_format not in ("png", "jpg"):
         raise typer.BadParameter("--crop-format is png or jpg")
     if labels is not None and identity_from_folder:
@@ -81,7 +93,8 @@ def detect(
         identity_from="csv" if labels else ("folder" if identity_from_folder else "none"),
         only_labeled=only_labeled, aligned=aligned, all_faces=all_faces, margin=margin, crop_size=crop_size,
         crop_format=crop_format, min_face=min_face, min_prob=min_prob, detect_size=detect_size, max_pixels=max_pixels,
-        limit=limit, batch_size=batch_size, shard_size=shard_size, device=device, overwrite=overwrite, quiet=quiet)
+        limit=limit, batch_size=batch_size, shard_size=shard_size, device=device, workers=workers, engine=engine,
+        overwrite=overwrite, quiet=quiet)
     try:
         run(cfg)
     except (RefbuildError, ManifestError) as e:
@@ -102,12 +115,15 @@ def embed(
     batch_size: Annotated[int, typer.Option()] = 32,
     shard_size: Annotated[int, typer.Option(help="Faces per resumable shard.")] = 1024,
     device: Device = "auto",
+    workers: Workers = 0,
+    engine: Engine = "local",
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
     """Multi-layer VGGFace features of every crop into features.parquet."""
     from refbuild.embed import EmbedConfig, run
 
+    _check_engine(engine, workers)
     if layer_norm not in ("l2", "none"):
         raise typer.BadParameter("--layer-norm is l2 or none")
     layer_t = tuple(int(x) for x in _floats(layers, None, "--layers"))
@@ -115,7 +131,7 @@ def embed(
         run(EmbedConfig(lib=lib, backbone=backbone, weights=weights, weights_sha256=weights_sha256, layers=layer_t,
                         grid=grid, layer_norm=layer_norm, views=tuple(v.strip() for v in views.split(",")),
                         lr_scale=lr_scale, batch_size=batch_size, shard_size=shard_size, device=device,
-                        overwrite=overwrite, quiet=quiet))
+                        workers=workers, engine=engine, overwrite=overwrite, quiet=quiet))
     except (RefbuildError, ManifestError) as e:
         _fail(e)
 

@@ -9,7 +9,7 @@ import csv
 import hashlib
 import io
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -24,9 +24,10 @@ from refbuild.images import BadImage, Decoded, list_images, read_and_decode
 from refbuild.io import config_dict, library_lock, write_bytes, write_json, write_table
 from refbuild.library import Library
 from refbuild.progress import bar, summary
+from pipelines.runners import Runner, make_runner, resolve_workers
 
 IdentityFrom = Literal["csv", "folder", "none"]
-RUNTIME_FIELDS = ("device", "batch_size", "quiet", "overwrite")
+RUNTIME_FIELDS = ("device", "batch_size", "quiet", "overwrite", "workers", "engine")
 
 
 @dataclass(frozen=True)
@@ -51,9 +52,10 @@ class DetectConfig:
     shard_size: int = 128
     batch_size: int = 8
     device: str = "auto"
+    workers: int = 0  # processes (local engine) or actors (ray engine); 0: one per core on CPU
+    engine: str = "local"
     quiet: bool = False
     overwrite: bool = False
-    extra: dict = field(default_factory=dict)
 
     def fingerprint(self) -> dict:
         d = config_dict(self)
@@ -197,7 +199,28 @@ def plan(cfg: DetectConfig) -> tuple[list[str], list[dict]]:
     return rels, pre
 
 
-def run(cfg: DetectConfig) -> dict:
+class DetectWorker:
+    """Built once per worker (loads MTCNN); called on one shard (index, paths):
+    writes the shard's faces, rejects and done-marker, returns the image count."""
+
+    def __init__(self, cfg: DetectConfig, labels: dict[str, str], wdir: Path):
+        self.cfg, self.labels, self.wdir = cfg, labels, wdir
+        self.detector = None
+        if not cfg.aligned:
+            from refbuild.detector import Detector
+
+            self.detector = Detector(device=cfg.device, detect_size=cfg.detect_size, min_face=cfg.min_face)
+
+    def __call__(self, task: tuple[int, list[str]]) -> int:
+        index, rels = task
+        f, r = process_shard(rels, self.cfg, self.labels, self.detector)
+        write_table(shards.shard_file(self.wdir, index, "faces"), f, "faces")
+        write_table(shards.shard_file(self.wdir, index, "rejects"), r, "rejects")
+        shards.mark_done(self.wdir, index)
+        return len(rels)
+
+
+def run(cfg: DetectConfig, runner: Runner | None = None) -> dict:
     """Run the detect stage (resumable). Returns summary counts."""
     if cfg.out.resolve().is_relative_to(cfg.src.resolve()):
         raise RefbuildError(f"{cfg.out}: the library must not be inside the source folder {cfg.src}")
@@ -209,21 +232,14 @@ def run(cfg: DetectConfig) -> dict:
         shards.prepare(wdir, cfg.fingerprint() | {"n_images": len(rels)}, cfg.overwrite)
         parts = shards.chunks(len(rels), cfg.shard_size)
         todo = [i for i in range(len(parts)) if not shards.is_done(wdir, i)]
-        detector = None
-        if todo and not cfg.aligned:
-            from refbuild.detector import Detector
-
-            detector = Detector(device=cfg.device, detect_size=cfg.detect_size, min_face=cfg.min_face)
         t0 = time.perf_counter()
         done_images = sum(len(parts[i]) for i in range(len(parts)) if i not in set(todo))
+        tasks = [(i, [rels[j] for j in parts[i]]) for i in todo]
         with bar(cfg.quiet) as prog:
             task = prog.add_task("detect", total=len(rels), completed=done_images)
-            for i in todo:
-                f, r = process_shard([rels[j] for j in parts[i]], cfg, labels, detector)
-                write_table(shards.shard_file(wdir, i, "faces"), f, "faces")
-                write_table(shards.shard_file(wdir, i, "rejects"), r, "rejects")
-                shards.mark_done(wdir, i)
-                prog.advance(task, len(parts[i]))
+            workers = resolve_workers(cfg.workers, cfg.device, needs_model=not cfg.aligned)
+            for n in (runner or make_runner(cfg.engine, workers)).map(DetectWorker, (cfg, labels, wdir), tasks):
+                prog.advance(task, n)
         elapsed = time.perf_counter() - t0
         faces = pa.concat_tables([read_table(shards.shard_file(wdir, i, "faces"), "faces") for i in range(len(parts))])
         rejects = pa.concat_tables(

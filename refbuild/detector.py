@@ -2,10 +2,15 @@
 
 facenet-pytorch's `MTCNN.detect` needs one image size per batch, raises on a
 batch where some image has no face, and can attach probabilities/landmarks to
-the wrong box. We call its lower-level `detect_face` on letterboxed canvases
-instead: each image is shrunk so its long side is at most `detect_size`, padded
-(bottom/right, black) to a canvas rounded up to 32 px, and images that share a
-canvas are batched. Boxes and landmarks come back in source-image pixels.
+the wrong box. We call its lower-level `detect_face` instead. Each image is
+shrunk so its long side is at most `detect_size`; images that share a size (and
+pyramid start) are batched. With `letterbox` (the default on CUDA, where big
+batches pay) images are also padded bottom/right with black to a canvas rounded
+up to 32 px, so photos of mixed sizes share batches. On CPU batching buys little
+and padding changes boxes that touch the bottom/right border (facenet stretches
+the in-image part of such a box; we would include black), so the default there
+is exact sizes: boxes identical to a per-image MTCNN call.
+Boxes and landmarks come back in source-image pixels.
 """
 from __future__ import annotations
 
@@ -53,6 +58,7 @@ class Detector:
         min_face_det: floor of MTCNN's `minsize`, in detection pixels.
         thresholds: MTCNN's three stage thresholds.
         factor: pyramid scale step.
+        letterbox: pad images to shared canvases (None: on CUDA only).
     """
 
     def __init__(
@@ -63,6 +69,7 @@ class Detector:
         min_face_det: int = 20,
         thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7),
         factor: float = 0.709,
+        letterbox: bool | None = None,
     ):
         from facenet_pytorch.models.mtcnn import ONet, PNet, RNet  # weights ship in the package
 
@@ -73,6 +80,7 @@ class Detector:
         self.min_face_det = min_face_det
         self.thresholds = list(thresholds)
         self.factor = factor
+        self.letterbox = self.device.type == "cuda" if letterbox is None else letterbox
 
     def _scale(self, size: tuple[int, int]) -> float:
         return min(1.0, self.detect_size / max(size))
@@ -104,7 +112,7 @@ class Detector:
             w, h = max(1, round(img.width * s)), max(1, round(img.height * s))
             arr = np.asarray(img.resize((w, h), Image.BILINEAR) if s < 1 else img, dtype=np.uint8)
             small.append(arr)
-            canvas = (-(-h // CANVAS_STEP) * CANVAS_STEP, -(-w // CANVAS_STEP) * CANVAS_STEP)
+            canvas = (-(-h // CANVAS_STEP) * CANVAS_STEP, -(-w // CANVAS_STEP) * CANVAS_STEP) if self.letterbox else (h, w)
             groups[canvas + (self._minsize(img.size),)].append(i)
         for (ch, cw, minsize), idx in sorted(groups.items()):
             for start in range(0, len(idx), batch_size):

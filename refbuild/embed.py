@@ -29,8 +29,9 @@ from refbuild.errors import RefbuildError
 from refbuild.io import config_dict, library_lock, write_json, write_table
 from refbuild.library import Library
 from refbuild.progress import bar, summary
+from pipelines.runners import Runner, make_runner, resolve_workers
 
-RUNTIME_FIELDS = ("device", "batch_size", "quiet", "overwrite", "weights")
+RUNTIME_FIELDS = ("device", "batch_size", "quiet", "overwrite", "weights", "workers", "engine")
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,8 @@ class EmbedConfig:
     shard_size: int = 1024
     batch_size: int = 32
     device: str = "auto"
+    workers: int = 0  # processes (local engine) or actors (ray engine); 0: one per core on CPU
+    engine: str = "local"
     quiet: bool = False
     overwrite: bool = False
 
@@ -101,7 +104,27 @@ def process_shard(face_ids: list[str], paths: list[Path], cfg: EmbedConfig, back
     return pa.Table.from_arrays([pa.array(face_ids, pa.string()), col], schema=features_schema(dim))
 
 
-def run(cfg: EmbedConfig) -> dict:
+class EmbedWorker:
+    """Built once per worker (loads the backbone); called on one shard
+    (index, face ids, crop paths): writes its features and done-marker."""
+
+    def __init__(self, cfg: EmbedConfig, view: str, grid: int, dim: int, wdir: Path):
+        from refbuild.detector import resolve_device
+
+        self.cfg, self.view, self.grid, self.dim, self.wdir = cfg, view, grid, dim, wdir
+        self.device = torch.device(resolve_device(cfg.device))
+        self.backbone = build_backbone(cfg.backbone, cfg.weights, cfg.weights_sha256, cfg.layers).to(self.device)
+        self.pool = ThreadPoolExecutor(4)  # PNG decoding overlaps the forward passes
+
+    def __call__(self, task: tuple[int, list[str], list[Path]]) -> int:
+        index, ids, paths = task
+        t = process_shard(ids, paths, self.cfg, self.backbone, self.grid, self.view, self.device, self.pool, self.dim)
+        write_table(shards.shard_file(self.wdir, index, "features"), t, "features")
+        shards.mark_done(self.wdir, index)
+        return len(ids)
+
+
+def run(cfg: EmbedConfig, runner: Runner | None = None) -> dict:
     from refbuild.detector import resolve_device
 
     lib = Library(cfg.lib)
@@ -127,7 +150,8 @@ def run(cfg: EmbedConfig) -> dict:
     stats: dict = {"faces": len(ids), "dim": dim, "backbone": backbone.name, "weights": backbone.note}
     t0 = time.perf_counter()
     processed = 0
-    with library_lock(lib.root, "embed"), ThreadPoolExecutor(4) as pool:
+    runner = runner or make_runner(cfg.engine, resolve_workers(cfg.workers, cfg.device, cfg.backbone != "pixels"))
+    with library_lock(lib.root, "embed"):
         for view in cfg.views:
             wdir = shards.work_dir(lib.root, f"embed-{view}")
             fp = config_dict(cfg) | {"view": view, "weights_id": backbone.weights_id, "n_faces": len(ids), "grid": grid}
@@ -135,15 +159,12 @@ def run(cfg: EmbedConfig) -> dict:
                 fp.pop(k, None)
             shards.prepare(wdir, fp, cfg.overwrite)
             parts = shards.chunks(len(ids), cfg.shard_size)
+            tasks = [(i, [ids[j] for j in r], [paths[j] for j in r]) for i, r in enumerate(parts) if not shards.is_done(wdir, i)]
             with bar(cfg.quiet) as prog:
-                task = prog.add_task(f"embed {view}", total=len(ids))
-                for i, r in enumerate(parts):
-                    if not shards.is_done(wdir, i):
-                        t = process_shard([ids[j] for j in r], [paths[j] for j in r], cfg, backbone, grid, view, device, pool, dim)
-                        write_table(shards.shard_file(wdir, i, "features"), t, "features")
-                        shards.mark_done(wdir, i)
-                        processed += len(r)
-                    prog.advance(task, len(r))
+                task = prog.add_task(f"embed {view}", total=len(ids), completed=len(ids) - sum(len(t[1]) for t in tasks))
+                for n in runner.map(EmbedWorker, (cfg, view, grid, dim, wdir), tasks):
+                    processed += n
+                    prog.advance(task, n)
             table = pa.concat_tables([read_table(shards.shard_file(wdir, i, "features"), "features") for i in range(len(parts))])
             write_table(lib.features(view), table, "features", meta | {"view": view})
             shards.finish(wdir)
