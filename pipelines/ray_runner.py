@@ -31,7 +31,12 @@ class RayRunner:
             return
         ray = _ray()
         if not ray.is_initialized():
-            ray.init(log_to_driver=False, include_dashboard=False)
+            import logging
+
+            ray.init(log_to_driver=False, include_dashboard=False, logging_level=logging.ERROR)
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False  # refbuild draws its own
+        ctx.print_on_execution_start = False
         import torch
 
         gpus = 1 if torch.cuda.is_available() else 0
@@ -48,6 +53,7 @@ class RayRunner:
                 return {"n": [self.worker(task_list[int(i)]) for i in batch["i"]]}
 
         ds = ray.data.from_items([{"i": i} for i in range(len(task_list))], override_num_blocks=len(task_list))
-        out = ds.map_batches(_Actor, batch_size=1, concurrency=max(1, self.workers), num_gpus=gpus)
+        out = ds.map_batches(_Actor, batch_size=1, compute=ray.data.ActorPoolStrategy(size=max(1, self.workers)),
+                             num_gpus=gpus)
         for row in out.iter_rows():
             yield int(row["n"])
