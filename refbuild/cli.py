@@ -168,6 +168,7 @@ def pair(
     layer_weights: Annotated[Optional[str], typer.Option(help="One weight per layer for Eq. 2, e.g. 1,1,1.")] = None,
     name: Annotated[Optional[str], typer.Option(help="Manifest name (default: the library folder's name).")] = None,
     manifest_dir: Annotated[Path, typer.Option(help="Where data_manifests/<name>/ goes.")] = Path("data_manifests"),
+    pool_chunk: Annotated[int, typer.Option(help="Search the pool this many rows at a time and merge (0: one index); bounds memory.")] = 0,
     device: Device = "auto",
     overwrite: Overwrite = False,
     quiet: Quiet = False,
@@ -180,7 +181,7 @@ def pair(
     try:
         run(PairConfig(lib=lib, m=m, queries=queries, query_view=query_view, pool=pool,
                        layer_weights=_floats(layer_weights, None, "--layer-weights"), name=name,
-                       manifest_dir=manifest_dir, device=device, overwrite=overwrite, quiet=quiet))
+                       manifest_dir=manifest_dir, pool_chunk=pool_chunk, device=device, overwrite=overwrite, quiet=quiet))
     except (RefbuildError, ManifestError) as e:
         _fail(e)
 

@@ -24,6 +24,7 @@ import pyarrow as pa
 from data_manifests import PAIRS, TRAINING_MANIFEST, metadata, read_table
 from refbuild import shards
 from refbuild.errors import RefbuildError
+from refbuild.knn import L1Index
 from refbuild.io import config_dict, library_lock, remove_orphan_temps, sha256_file, write_json, write_table
 from refbuild.library import Library
 from refbuild.progress import bar, summary
@@ -42,6 +43,7 @@ class PairConfig:
     name: str | None = None  # manifest name; default: the library folder's name
     manifest_dir: Path = Path("data_manifests")
     query_chunk: int = 2048
+    pool_chunk: int = 0  # pool rows per FAISS index (0: one index); bounds index memory
     device: str = "auto"
     quiet: bool = False
     overwrite: bool = False
@@ -100,26 +102,11 @@ def weight_vector(meta: dict[str, str], weights: tuple[float, ...] | None) -> np
     return w
 
 
-def make_index(pool: np.ndarray, device: str):
-    import faiss
-
-    index = faiss.IndexFlat(pool.shape[1], faiss.METRIC_L1)
-    index.add(pool)
-    want_gpu = device == "cuda" or (device == "auto" and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0)
-    if want_gpu:
-        if not hasattr(faiss, "StandardGpuResources"):
-            raise RefbuildError("--device cuda needs faiss on CUDA: pip install 'msrface[gpu]'")
-        res = faiss.StandardGpuResources()
-        index = faiss.index_cpu_to_gpu(res, 0, index)
-        index._msrface_res = res  # keep the resources alive with the index
-    return index, want_gpu
-
-
-def search_chunk(index, q: np.ndarray, qi: list[int], query: Side, pool: Side, pool_rows: np.ndarray, m: int, k0: int,
-                 gpu: bool, cross: bool) -> list[dict]:
+def search_chunk(index: L1Index, q: np.ndarray, qi: list[int], query: Side, pool: Side, pool_rows: np.ndarray, m: int,
+                 k0: int, cross: bool) -> list[dict]:
     """Top-m valid references for the queries `qi` (rows of `query`)."""
-    k_max = min(len(pool_rows), 2048) if gpu else len(pool_rows)  # faiss-gpu caps k at 2048
-    k = min(k0, len(pool_rows))
+    k_max = index.k_max
+    k = min(k0, k_max)
     eps = DUP_EPS * q.shape[1]
 
     def pick(i: int, dist: np.ndarray, idx: np.ndarray) -> list[tuple[int, float]]:
@@ -203,13 +190,14 @@ def run(cfg: PairConfig) -> dict:
     fingerprint = config_dict(cfg) | {
         "pool_features": sha256_file(lib.features("hr")), "query_features": sha256_file(query.lib.features(cfg.query_view)),
         "splits": sha256_file(lib.splits) if lib.splits.is_file() else None}
-    for k in ("device", "quiet", "overwrite", "name", "manifest_dir", "lib"):
+    for k in ("device", "quiet", "overwrite", "name", "manifest_dir", "lib", "pool_chunk"):
         fingerprint.pop(k)
     t0 = time.perf_counter()
     with library_lock(lib.root, "pair"):
         wdir = shards.work_dir(lib.root, "pair")
         shards.prepare(wdir, fingerprint, cfg.overwrite)
-        index, gpu = make_index(pool_mat, cfg.device)
+        index = L1Index(pool_mat, cfg.device, cfg.pool_chunk)
+        gpu = index.gpu
         parts = shards.chunks(len(q_rows), cfg.query_chunk)
         with bar(cfg.quiet) as prog:
             task = prog.add_task("pair", total=len(q_rows))
@@ -217,7 +205,7 @@ def run(cfg: PairConfig) -> dict:
                 if not shards.is_done(wdir, s):
                     qi = [q_rows[j] for j in r]
                     q = np.ascontiguousarray(query.feats[qi] * w)
-                    rows = search_chunk(index, q, qi, query, pool_side, pool_rows, cfg.m, k0, gpu, cross)
+                    rows = search_chunk(index, q, qi, query, pool_side, pool_rows, cfg.m, k0, cross)
                     write_table(shards.shard_file(wdir, s, "pairs"), pa.Table.from_pylist(rows, schema=PAIRS), "pairs")
                     shards.mark_done(wdir, s)
                 prog.advance(task, len(r))
@@ -237,7 +225,7 @@ def run(cfg: PairConfig) -> dict:
         raise RefbuildError(f"{lib.root}: no query has {cfg.m} valid references in a pool of {len(pool_rows)} faces; "
                             "lower -m or add faces of more identities")
     stats = {"queries": pairs.num_rows, "pool_faces": len(pool_rows), "m": cfg.m, "k_searched": k0,
-             "short_of_m (left out of manifests)": short, "index": "faiss GPU flat L1" if gpu else "faiss CPU flat L1",
+             "short_of_m (left out of manifests)": short, "index": ("faiss GPU flat L1" if gpu else "faiss CPU flat L1") + (f", pool chunks of {cfg.pool_chunk}" if cfg.pool_chunk else ""),
              "seconds": round(elapsed, 1), "queries_per_s": round(pairs.num_rows / elapsed, 1) if elapsed > 0 else None,
              "features": pool_side.meta.get("note", "")}
     for split, path in manifests.items():

@@ -22,7 +22,8 @@ from refbuild.detect import encode_crop, square_box
 from refbuild.embed import describe
 from refbuild.errors import RefbuildError
 from refbuild.library import Library
-from refbuild.pair import load_side, make_index
+from refbuild.knn import L1Index
+from refbuild.pair import load_side
 
 
 @dataclass(frozen=True)
@@ -51,9 +52,7 @@ def retrieve(lib_root: Path, faces: list[Image.Image], m: int = 4, weights: str 
     size = 256
     x = torch.from_numpy(np.stack([np.asarray(f.convert("RGB").resize((size, size), Image.BICUBIC)) for f in faces]))
     q = describe(backbone.maps(x.permute(0, 3, 1, 2).to(dev)), int(meta["grid"]), meta["layer_norm"]).cpu().numpy()
-    index, _ = make_index(np.ascontiguousarray(side.feats[rows]), device)
-    k = min(m, len(rows))
-    dist, idx = index.search(np.ascontiguousarray(q, dtype=np.float32), k)
+    dist, idx = L1Index(side.feats[rows], device).search(q, m)
     return [[Reference(side.face_ids[rows[j]], lib.safe_path(side.crop[rows[j]]), side.identity[rows[j]], float(d))
              for d, j in zip(dist[r], idx[r]) if j >= 0] for r in range(len(faces))]
 

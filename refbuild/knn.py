@@ -1,0 +1,75 @@
+"""Exact L1 k-nearest neighbours with FAISS, over a pool that may be sharded.
+
+`IndexFlat(METRIC_L1)` is exact on CPU and on GPU (faiss-gpu), where IVF has
+no L1 and IDSelector is ignored, which is why `pair` filters exclusions after
+the search. With `chunk_rows`, the pool is searched one chunk at a time and the
+per-chunk top-k lists are merged, so the library need not fit in one index or
+in GPU memory: the global top-k is the top-k of the per-chunk top-k lists.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from refbuild.errors import RefbuildError
+
+GPU_K_MAX = 2048  # faiss-gpu's largest k
+
+
+def gpu_wanted(device: str) -> bool:
+    import faiss
+
+    has_gpu = hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+    if device == "cuda" and not has_gpu:
+        raise RefbuildError("--device cuda needs faiss on CUDA: pip install 'msrface[gpu]' (and a GPU)")
+    return device == "cuda" or (device == "auto" and has_gpu)
+
+
+class L1Index:
+    """Args:
+        pool: N, D float32 rows to search.
+        device: "auto", "cpu" or "cuda".
+        chunk_rows: rows per index; None or 0 keeps one index over the whole pool.
+    """
+
+    def __init__(self, pool: np.ndarray, device: str = "auto", chunk_rows: int | None = None):
+        self.pool = np.ascontiguousarray(pool, dtype=np.float32)
+        self.gpu = gpu_wanted(device)
+        self.chunk = chunk_rows or max(1, len(self.pool))
+        self._res = None
+        self._resident = self._build(self.pool) if self.chunk >= len(self.pool) else None
+
+    @property
+    def ntotal(self) -> int:
+        return len(self.pool)
+
+    @property
+    def k_max(self) -> int:
+        return min(self.ntotal, GPU_K_MAX) if self.gpu else self.ntotal
+
+    def _build(self, rows: np.ndarray):
+        import faiss
+
+        index = faiss.IndexFlat(rows.shape[1], faiss.METRIC_L1)
+        index.add(rows)
+        if self.gpu:
+            if self._res is None:
+                self._res = faiss.StandardGpuResources()
+            index = faiss.index_cpu_to_gpu(self._res, 0, index)
+        return index
+
+    def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Distances and pool rows of the k nearest, nearest first (ties by row); -1 pads."""
+        q = np.ascontiguousarray(q, dtype=np.float32)
+        k = min(k, self.k_max)
+        if self._resident is not None:
+            return self._resident.search(q, k)
+        dists, idxs = [], []
+        for start in range(0, self.ntotal, self.chunk):
+            index = self._build(self.pool[start : start + self.chunk])
+            d, i = index.search(q, min(k, index.ntotal))
+            dists.append(d)
+            idxs.append(np.where(i >= 0, i + start, -1))
+        d, i = np.concatenate(dists, axis=1), np.concatenate(idxs, axis=1)
+        d = np.where(i >= 0, d, np.inf)
+        order = np.lexsort((i, d), axis=1)[:, :k]  # by distance, then row: the same ties as one index
+        return np.take_along_axis(d, order, 1), np.take_along_axis(i, order, 1)

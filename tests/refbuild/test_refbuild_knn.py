@@ -1,0 +1,42 @@
+"""Exact L1 k-NN: sharded search over pool chunks equals one index and brute force."""
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from rb_helpers import invoke
+from refbuild.knn import L1Index
+
+
+@pytest.mark.parametrize("chunk", [None, 1, 7, 100, 5000])
+def test_chunked_search_matches_brute_force(chunk):
+    rng = np.random.default_rng(1)
+    pool = rng.random((300, 24), dtype=np.float32)
+    pool[200] = pool[3]  # an exact tie: broken by row, as one index does
+    q = rng.random((40, 24), dtype=np.float32)
+    q[0] = pool[3]
+    d, i = L1Index(pool, "cpu", chunk).search(q, 10)
+    brute = np.abs(q[:, None, :] - pool[None, :, :]).sum(-1)  # Q, N
+    want = np.lexsort((np.broadcast_to(np.arange(300), brute.shape), brute), axis=1)[:, :10]
+    assert np.array_equal(i, want)
+    assert np.allclose(d, np.take_along_axis(brute, want, 1), rtol=1e-5)
+    assert list(i[0][:2]) == [3, 200]
+
+
+def test_k_larger_than_pool_is_capped():
+    pool = np.eye(5, dtype=np.float32)
+    d, i = L1Index(pool, "cpu", 2).search(pool[:1], 50)
+    assert i.shape == (1, 5) and sorted(i[0]) == [0, 1, 2, 3, 4]
+
+
+def test_pair_with_pool_chunks_gives_the_same_pairs(tmp_path, built):
+    lib = tmp_path / "lib"
+    shutil.copytree(built.lib, lib)
+    invoke("pair", lib, "-m", 3, "--manifest-dir", tmp_path / "a", "--name", "x", "-q")
+    one = pq.read_table(lib / "pairs.parquet")
+    invoke("pair", lib, "-m", 3, "--manifest-dir", tmp_path / "b", "--name", "x", "--pool-chunk", 5, "-q")
+    assert pq.read_table(lib / "pairs.parquet").equals(one)
+    assert pq.read_table(tmp_path / "a" / "x" / "train.parquet").equals(pq.read_table(tmp_path / "b" / "x" / "train.parquet"))
