@@ -1,0 +1,4 @@
+"""`python -m model`."""
+from .cli import main
+
+main()

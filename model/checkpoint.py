@@ -1,0 +1,156 @@
+"""Checkpoints: one safetensors file, written atomically, never unpickled.
+
+Layout of `<run>/last.safetensors` and `<run>/best.safetensors`:
+  tensors   `model.<name>`, `ema.<name>`, `optim.<param index>.<state key>`,
+            `rng.torch` (and `rng.cuda` on CUDA)
+  metadata  `msrface.checkpoint` = JSON {format, model, model_kwargs, step, config,
+            optim_param_groups, optim_scalars, python_rng, best, ...}
+Write goes to `<file>.tmp`, is fsynced, then `os.replace`d into place, so a
+crash leaves the previous checkpoint intact.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import CheckpointError
+from .registry import create_model
+
+FORMAT = "msrface.msrnet.v1"
+META_KEY = "msrface.checkpoint"
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: its JSON state and its tensors (by prefix)."""
+
+    path: Path
+    meta: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+
+    def section(self, prefix: str) -> dict[str, torch.Tensor]:
+        p = prefix + "."
+        return {k[len(p):]: v for k, v in self.tensors.items() if k.startswith(p)}
+
+
+def save_checkpoint(
+    path: str | Path,
+    model: nn.Module,
+    meta: dict[str, Any],
+    optimizer: torch.optim.Optimizer | None = None,
+    ema: nn.Module | None = None,
+) -> None:
+    """Atomically write model (+ EMA, optimizer, RNG) tensors and JSON `meta`.
+
+    `meta` must hold at least `model` (registry name) and `model_kwargs`.
+    """
+    path = Path(path)
+    tensors: dict[str, torch.Tensor] = {f"model.{k}": v for k, v in model.state_dict().items()}
+    if ema is not None:
+        tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
+    meta = {"format": FORMAT, **meta}
+    if optimizer is not None:
+        sd = optimizer.state_dict()
+        scalars: dict[str, dict[str, Any]] = {}
+        for pid, st in sd["state"].items():
+            for key, val in st.items():
+                if torch.is_tensor(val):
+                    tensors[f"optim.{pid}.{key}"] = val
+                else:
+                    scalars.setdefault(str(pid), {})[key] = val
+        meta["optim_param_groups"] = sd["param_groups"]
+        meta["optim_scalars"] = scalars
+    tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    meta["python_rng"] = random.getstate()
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta)})
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Read a checkpoint written by `save_checkpoint`.
+
+    Raises:
+        CheckpointError: missing, truncated/corrupt, or not an msrface checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint; give a `last.safetensors` or `best.safetensors` of a run")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as fh:
+            raw = (fh.metadata() or {}).get(META_KEY)
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: truncated or not a safetensors file ({e}); use another checkpoint") from e
+    if raw is None:
+        raise CheckpointError(f"{path}: a safetensors file but not an msrface checkpoint (no '{META_KEY}' metadata)")
+    meta = json.loads(raw)
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: checkpoint format {meta.get('format')!r}, this msrface reads {FORMAT!r}")
+    return Checkpoint(path, meta, tensors)
+
+
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    """Strict load; a foreign architecture becomes a CheckpointError."""
+    from .msrnet import checkpoint_filter_fn
+
+    try:
+        model.load_state_dict(checkpoint_filter_fn(state, model), strict=True)
+    except RuntimeError as e:
+        first = str(e).splitlines()[0]
+        raise CheckpointError(f"{where}: weights do not fit {type(model).__name__} ({first}); other architecture?") from e
+
+
+def model_from_checkpoint(ckpt: Checkpoint, use_ema: bool = True) -> nn.Module:
+    """Rebuild the registered model the checkpoint describes and load its weights (EMA if present)."""
+    name, kwargs = ckpt.meta.get("model"), ckpt.meta.get("model_kwargs", {})
+    try:
+        model = create_model(name, **kwargs)
+    except TypeError as e:
+        raise CheckpointError(f"{ckpt.path}: model kwargs {kwargs} do not fit {name!r} ({e})") from e
+    state = ckpt.section("ema") if use_ema and ckpt.section("ema") else ckpt.section("model")
+    load_weights(model, state, str(ckpt.path))
+    return model
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, ckpt: Checkpoint) -> None:
+    """Load the optimizer state saved by `save_checkpoint`."""
+    state: dict[int, dict[str, Any]] = {}
+    for k, v in ckpt.section("optim").items():
+        pid, key = k.split(".", 1)
+        state.setdefault(int(pid), {})[key] = v
+    for pid, sc in ckpt.meta.get("optim_scalars", {}).items():
+        state.setdefault(int(pid), {}).update(sc)
+    groups = ckpt.meta["optim_param_groups"]
+    for g in groups:
+        if "betas" in g:
+            g["betas"] = tuple(g["betas"])
+    try:
+        optimizer.load_state_dict({"state": state, "param_groups": groups})
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"{ckpt.path}: optimizer state does not fit this model ({e})") from e
+
+
+def restore_rng(ckpt: Checkpoint) -> None:
+    torch.set_rng_state(ckpt.tensors["rng.torch"])
+    if "rng.cuda" in ckpt.tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(ckpt.tensors["rng.cuda"])
+    st = ckpt.meta["python_rng"]
+    random.setstate((st[0], tuple(st[1]), st[2]))

@@ -1,0 +1,141 @@
+"""`model` command line: train, eval, infer, list. A thin layer over typed functions."""
+from __future__ import annotations
+
+import logging
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from data_manifests import ManifestError
+
+from .errors import MsrError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="MSRNet face super-resolution.")
+err = Console(stderr=True)
+out = Console()
+
+
+class RefMode(str, Enum):
+    matched = "matched"
+    random = "random"
+    none = "none"
+
+
+def _run(fn, *args, **kwargs):
+    """Call library code; a user mistake becomes one red line and exit code 1."""
+    try:
+        return fn(*args, **kwargs)
+    except (MsrError, ManifestError) as e:
+        err.print(f"[red]error:[/red] {e}", markup=True, highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+
+
+@app.command()
+def train(
+    manifest: Annotated[Path, typer.Option(help="training_manifest Parquet file")],
+    model: Annotated[str, typer.Option(help="registered model, see `model list`")] = "msrnet_x8",
+    name: Annotated[str, typer.Option(help="run name: outputs go to <runs-dir>/<name>")] = "msrnet",
+    runs_dir: Annotated[Path, typer.Option(help="folder of runs")] = Path("runs"),
+    data_root: Annotated[Optional[Path], typer.Option(help="replaces the manifest's hr_root and ref_root")] = None,
+    val_manifest: Annotated[Optional[Path], typer.Option(help="validation manifest: picks `best` by PSNR-Y")] = None,
+    num_refs: Annotated[int, typer.Option(min=0, max=5, help="references per face")] = 4,
+    refs: Annotated[RefMode, typer.Option(help="matched (manifest), random (other identities) or none")] = RefMode.matched,
+    no_swin: Annotated[bool, typer.Option("--no-swin", help="3x3 conv instead of the Swin GFE (Table 3)")] = False,
+    steps: Annotated[int, typer.Option(min=1)] = 10_000,
+    batch_size: Annotated[int, typer.Option(min=1)] = 4,
+    lr: Annotated[float, typer.Option(help="Adam learning rate")] = 2e-4,
+    warmup_steps: Annotated[int, typer.Option(min=0)] = 0,
+    grad_clip: Annotated[float, typer.Option(help="max grad norm, 0 disables")] = 1.0,
+    ema_decay: Annotated[float, typer.Option(help="EMA decay, 0 disables")] = 0.0,
+    stage1_weight: Annotated[float, typer.Option(help="x16: L1 weight on I_SR^1")] = 0.0,
+    workers: Annotated[int, typer.Option(min=0, help="DataLoader workers")] = 0,
+    seed: int = 0,
+    log_every: Annotated[int, typer.Option(min=1)] = 10,
+    ckpt_every: Annotated[int, typer.Option(min=1)] = 500,
+    sample_every: Annotated[int, typer.Option(min=1)] = 500,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    resume: Annotated[bool, typer.Option("--resume", help="continue <runs-dir>/<name>/last.safetensors")] = False,
+    stop_after: Annotated[Optional[int], typer.Option(help="stop at this step (schedule still spans --steps)")] = None,
+) -> None:
+    """Train MSRNet on a training manifest."""
+    from .train import TrainConfig, train as run_train
+
+    cfg = TrainConfig(
+        manifest=manifest, model=model, name=name, runs_dir=runs_dir, data_root=data_root, val_manifest=val_manifest,
+        num_refs=num_refs, refs=refs.value, use_swin=not no_swin, steps=steps, batch_size=batch_size, lr=lr,
+        warmup_steps=warmup_steps, grad_clip=grad_clip, ema_decay=ema_decay, stage1_weight=stage1_weight,
+        workers=workers, seed=seed, log_every=log_every, ckpt_every=ckpt_every, sample_every=sample_every,
+        device=device, resume=resume, stop_after=stop_after,
+    )
+    run_dir = _run(run_train, cfg)
+    out.print(f"run written to {run_dir}")
+
+
+@app.command("eval")
+def eval_cmd(
+    checkpoint: Annotated[Path, typer.Option(help="a run's last/best .safetensors")],
+    manifest: Annotated[Path, typer.Option(help="training_manifest Parquet file to evaluate on")],
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="output folder")] = None,
+    refs: Annotated[RefMode, typer.Option(help="matched, random or none")] = RefMode.matched,
+    num_refs: Annotated[Optional[int], typer.Option(min=0, max=5, help="default: the run's")] = None,
+    data_root: Annotated[Optional[Path], typer.Option(help="replaces the manifest's roots")] = None,
+    batch_size: Annotated[int, typer.Option(min=1)] = 8,
+    device: str = "auto",
+    no_ema: Annotated[bool, typer.Option("--no-ema", help="use raw weights even if EMA weights exist")] = False,
+) -> None:
+    """PSNR/SSIM (Y crop=scale and RGB) of SR and bicubic; CSV, JSON and Markdown."""
+    from .evaluate import METRICS, evaluate
+
+    where, summary = _run(evaluate, checkpoint, manifest, out_dir, refs.value, num_refs, data_root, device,
+                          batch_size, not no_ema)
+    t = Table(title=f"{summary['n']} faces, x{summary['scale']}")
+    t.add_column("method")
+    for k in METRICS:
+        t.add_column(k, justify="right")
+    for m in ("bicubic", "sr"):
+        t.add_row(m, *(f"{summary[m][k]:.4f}" for k in METRICS))
+    out.print(t)
+    out.print(f"written to {where}")
+
+
+@app.command()
+def infer(
+    checkpoint: Annotated[Path, typer.Option(help="a run's last/best .safetensors")],
+    lr: Annotated[list[Path], typer.Option(help="LR face image(s), 16x16 (others are resized)")],
+    refs: Annotated[Optional[list[Path]], typer.Option(help="reference image(s), 0 to 5")] = None,
+    out_dir: Annotated[Path, typer.Option("--out", help="output folder")] = Path("sr_out"),
+    library: Annotated[Optional[Path], typer.Option(help="retrieve references per face from a refbuild library (LR-view matching)")] = None,
+    num_refs: Annotated[int, typer.Option(min=0, max=5, help="references retrieved per face with --library")] = 4,
+    weights: Annotated[Optional[str], typer.Option(envvar="MSRFACE_VGGFACE_WEIGHTS", help="the library's VGGFace weights, if it was embedded with them")] = None,
+    detect: Annotated[bool, typer.Option("--detect", help="inputs are whole photos: crop their most confident face first (MTCNN)")] = False,
+    device: str = "auto",
+) -> None:
+    """Super-resolve LR faces with given or retrieved references."""
+    from .infer import infer as run_infer
+
+    paths, rate = _run(run_infer, checkpoint, lr, refs or [], out_dir, device,
+                       library=library, detect=detect, num_refs=num_refs, weights=weights)
+    out.print(f"{len(paths)} SR image(s) written to {out_dir} ({rate:.1f} faces/s)")
+
+
+@app.command("list")
+def list_cmd() -> None:
+    """Registered model variants."""
+    from .registry import list_models
+
+    for n in list_models():
+        out.print(n)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader logs every fallback at INFO
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,199 @@
+"""Training-manifest dataset with on-the-fly bicubic degradation.
+
+A row of a `training_manifest` Parquet file names a 256x256 HR crop
+(`<hr_root>/<hr_path>`) and its references (`<ref_root>/<ref_paths[i]>`); the
+roots are the file's metadata keys `hr_root`/`ref_root` or one `data_root`
+override. Samples are addressed by an integer key = epoch * N + row so that all
+randomness (flip, random references) is a pure function of (seed, key): the
+same batches come out with any number of workers and after a resume.
+"""
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Iterator, Literal
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, Sampler
+
+from data_manifests import ManifestError, metadata, read_table
+
+from .errors import MsrError
+
+RefMode = Literal["matched", "random", "none"]
+LR_SIZE = 16
+
+
+def _safe_rel(p: str, what: str, manifest: Path) -> str:
+    pp = PurePosixPath(p)
+    if not p or pp.is_absolute() or Path(p).is_absolute() or ".." in pp.parts:
+        raise MsrError(f"{manifest}: {what} {p!r} must be a relative path without '..'; rebuild the manifest")
+    return p
+
+
+def load_rgb(path: Path) -> Image.Image:
+    """Open an image as RGB; MsrError naming the file when it cannot be read."""
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (OSError, ValueError) as e:
+        raise MsrError(f"{path}: not a readable image ({e})") from e
+
+
+def to_tensor(im: Image.Image) -> torch.Tensor:
+    """PIL RGB -> 3, H, W float32 in [0, 1]."""
+    return torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
+
+
+def degrade(hr: Image.Image, scale: int) -> tuple[Image.Image, Image.Image]:
+    """HR crop -> (HR at 16*scale, bicubic 16x16 LR of it)."""
+    size = LR_SIZE * scale
+    if hr.size != (size, size):
+        hr = hr.resize((size, size), Image.BICUBIC)
+    return hr, hr.resize((LR_SIZE, LR_SIZE), Image.BICUBIC)
+
+
+@dataclass(frozen=True)
+class Row:
+    face_id: str
+    identity: str | None
+    hr: Path
+    refs: tuple[Path, ...]
+
+
+class ManifestDataset(Dataset):
+    """Samples of a training manifest: dict(lr, hr, refs, ref_mask, index).
+
+    Args:
+        manifest: path of a `training_manifest` Parquet file.
+        scale: 4, 8 or 16; HR targets are 16*scale square.
+        num_refs: references per sample (0..5); missing ones are zero with mask False.
+        refs: "matched" (the manifest's), "random" (HR crops of other identities in
+            this manifest) or "none".
+        data_root: replaces both metadata roots when given.
+        flip: random horizontal flip, the same for HR and references.
+        seed: seed of the per-sample randomness.
+        check_files: verify every file exists up front.
+    Raises:
+        ManifestError: wrong schema or unreadable manifest.
+        MsrError: missing roots, unsafe relative paths, missing files.
+    """
+
+    def __init__(
+        self,
+        manifest: str | Path,
+        scale: int,
+        num_refs: int = 4,
+        refs: RefMode = "matched",
+        data_root: str | Path | None = None,
+        flip: bool = False,
+        seed: int = 0,
+        check_files: bool = True,
+    ):
+        manifest = Path(manifest)
+        if not 0 <= num_refs <= 5:
+            raise MsrError(f"num_refs must be in 0..5, got {num_refs}")
+        if refs not in ("matched", "random", "none"):
+            raise MsrError(f"refs must be matched, random or none, got {refs!r}")
+        table = read_table(manifest, "training_manifest")
+        meta = metadata(manifest)
+        roots = {}
+        for key in ("hr_root", "ref_root"):
+            root = Path(data_root) if data_root is not None else meta.get(key)
+            if root is None:
+                raise MsrError(f"{manifest}: metadata key {key!r} is missing; pass --data-root")
+            roots[key] = Path(root)
+            if not roots[key].is_absolute():
+                raise MsrError(f"{manifest}: {key} {str(root)!r} must be an absolute path; pass --data-root")
+        cols = table.to_pydict()
+        self.rows = [
+            Row(
+                face_id=fid,
+                identity=ident,
+                hr=roots["hr_root"] / _safe_rel(hp, "hr_path", manifest),
+                refs=tuple(roots["ref_root"] / _safe_rel(r, "ref_path", manifest) for r in (rps or [])),
+            )
+            for fid, ident, hp, rps in zip(cols["face_id"], cols["identity"], cols["hr_path"], cols["ref_paths"])
+        ]
+        if not self.rows:
+            raise MsrError(f"{manifest}: the manifest has no rows")
+        if check_files:
+            needed = [r.hr for r in self.rows] + ([p for r in self.rows for p in r.refs[:num_refs]] if refs == "matched" else [])
+            missing = [p for p in needed if not p.is_file()]
+            if missing:
+                raise MsrError(
+                    f"{manifest}: {len(missing)} image file(s) missing, first {missing[0]}; check hr_root/ref_root or --data-root"
+                )
+        self.scale, self.num_refs, self.ref_mode, self.flip, self.seed = scale, num_refs, refs, flip, seed
+        self.manifest = manifest
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def _rng(self, key: int) -> random.Random:
+        h = hashlib.sha256(f"{self.seed}:{key}".encode()).digest()
+        return random.Random(int.from_bytes(h[:8], "little"))
+
+    def _ref_paths(self, row: Row, rng: random.Random) -> list[Path]:
+        if self.ref_mode == "none" or self.num_refs == 0:
+            return []
+        if self.ref_mode == "matched":
+            return list(row.refs[: self.num_refs])
+        others = [r.hr for r in self.rows if r.identity is None or r.identity != row.identity]
+        return rng.sample(others, min(self.num_refs, len(others)))
+
+    def __getitem__(self, key: int) -> dict[str, torch.Tensor]:
+        """key = epoch * len(self) + row (plain row index for evaluation)."""
+        row = self.rows[key % len(self.rows)]
+        rng = self._rng(key)
+        flip = self.flip and rng.random() < 0.5
+        hr, lr = degrade(load_rgb(row.hr), self.scale)
+        size = hr.size[0]
+        refs = []
+        for p in self._ref_paths(row, rng):
+            im = load_rgb(p)
+            refs.append(im if im.size == (size, size) else im.resize((size, size), Image.BICUBIC))
+        if flip:
+            hr = hr.transpose(Image.FLIP_LEFT_RIGHT)
+            lr = lr.transpose(Image.FLIP_LEFT_RIGHT)
+            refs = [r.transpose(Image.FLIP_LEFT_RIGHT) for r in refs]
+        ref_t = torch.zeros(self.num_refs, 3, size, size)
+        mask = torch.zeros(self.num_refs, dtype=torch.bool)
+        for i, r in enumerate(refs):
+            ref_t[i], mask[i] = to_tensor(r), True
+        return {"lr": to_tensor(lr), "hr": to_tensor(hr), "refs": ref_t, "ref_mask": mask,
+                "index": torch.tensor(key % len(self.rows))}
+
+
+class ResumableBatchSampler(Sampler[list[int]]):
+    """Batches of sample keys for steps [start_step, total_steps).
+
+    Epoch e is a permutation seeded by (seed, e); a batch never crosses an epoch
+    (drop_last), so step k always sees the same keys, with or without a resume.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, total_steps: int, start_step: int = 0):
+        if n < batch_size:
+            raise MsrError(f"the manifest has {n} rows, fewer than the batch size {batch_size}; lower --batch-size")
+        self.n, self.bs, self.seed = n, batch_size, seed
+        self.start, self.total = start_step, total_steps
+        self.per_epoch = n // batch_size
+
+    def __len__(self) -> int:
+        return max(0, self.total - self.start)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        perm, perm_epoch = None, -1
+        for step in range(self.start, self.total):
+            epoch, k = divmod(step, self.per_epoch)
+            if epoch != perm_epoch:
+                g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+                perm, perm_epoch = torch.randperm(self.n, generator=g), epoch
+            yield [epoch * self.n + int(i) for i in perm[k * self.bs : (k + 1) * self.bs]]
+
+
+__all__ = ["ManifestDataset", "ResumableBatchSampler", "ManifestError", "degrade", "load_rgb", "to_tensor"]

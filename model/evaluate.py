@@ -1,0 +1,101 @@
+"""Evaluation: PSNR/SSIM of SR and bicubic, per image and summarised."""
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from .checkpoint import load_checkpoint, model_from_checkpoint
+from .data import ManifestDataset
+from .metrics import psnr, ssim, tensor_to_uint8
+from .runlog import write_json_atomic
+
+METRICS = ("psnr_y", "ssim_y", "psnr_rgb", "ssim_rgb")
+
+
+def image_metrics(sr, hr, scale: int) -> dict[str, float]:
+    """Both conventions: Y (BT.601) with border crop = scale, and RGB without crop. HWC uint8 inputs."""
+    return {
+        "psnr_y": psnr(sr, hr, crop_border=scale, test_y_channel=True),
+        "ssim_y": ssim(sr, hr, crop_border=scale, test_y_channel=True),
+        "psnr_rgb": psnr(sr, hr),
+        "ssim_rgb": ssim(sr, hr),
+    }
+
+
+@torch.no_grad()
+def evaluate_dataset(
+    model: nn.Module, ds: ManifestDataset, device: torch.device, batch_size: int = 8
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Run the model on every row; returns (per-image rows, summary of means)."""
+    was_training = model.training
+    model.eval()
+    rows: list[dict[str, Any]] = []
+    for batch in DataLoader(ds, batch_size=batch_size, shuffle=False):
+        lr, hr = batch["lr"].to(device), batch["hr"]
+        sr = model(lr, batch["refs"].to(device), batch["ref_mask"].to(device)).float().cpu()
+        bic = F.interpolate(batch["lr"], size=hr.shape[-1], mode="bicubic", align_corners=False)
+        for i in range(lr.shape[0]):
+            h = tensor_to_uint8(hr[i])
+            row: dict[str, Any] = {"face_id": ds.rows[int(batch["index"][i])].face_id}
+            row.update({f"sr_{k}": v for k, v in image_metrics(tensor_to_uint8(sr[i]), h, ds.scale).items()})
+            row.update({f"bicubic_{k}": v for k, v in image_metrics(tensor_to_uint8(bic[i]), h, ds.scale).items()})
+            rows.append(row)
+    model.train(was_training)
+    summary = {"n": len(rows), "scale": ds.scale, "refs": ds.ref_mode, "num_refs": ds.num_refs}
+    for method in ("sr", "bicubic"):
+        summary[method] = {k: sum(r[f"{method}_{k}"] for r in rows) / len(rows) for k in METRICS}
+    return rows, summary
+
+
+def summary_markdown(summary: dict[str, Any], title: str) -> str:
+    lines = [
+        f"# {title}", "",
+        f"{summary['n']} images, x{summary['scale']}, refs {summary['refs']} (k={summary['num_refs']}). "
+        f"Y: BT.601 luma, border crop {summary['scale']}; RGB: no crop.", "",
+        "| method | PSNR Y | SSIM Y | PSNR RGB | SSIM RGB |", "|---|---:|---:|---:|---:|",
+    ]
+    for method in ("bicubic", "sr"):
+        m = summary[method]
+        lines.append(f"| {method} | {m['psnr_y']:.3f} | {m['ssim_y']:.4f} | {m['psnr_rgb']:.3f} | {m['ssim_rgb']:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def evaluate(
+    checkpoint: Path,
+    manifest: Path,
+    out_dir: Path | None = None,
+    refs: str = "matched",
+    num_refs: int | None = None,
+    data_root: Path | None = None,
+    device: str = "auto",
+    batch_size: int = 8,
+    use_ema: bool = True,
+) -> tuple[Path, dict[str, Any]]:
+    """Evaluate a checkpoint on a manifest; writes per_image.csv, summary.json, summary.md."""
+    from .train import pick_device
+
+    ck = load_checkpoint(checkpoint)
+    dev = pick_device(device)
+    model = model_from_checkpoint(ck, use_ema).to(dev)
+    k = num_refs if num_refs is not None else ck.meta.get("config", {}).get("num_refs", 4)
+    ds = ManifestDataset(manifest, model.scale, k, refs, data_root)
+    rows, summary = evaluate_dataset(model, ds, dev, batch_size)
+    summary.update({"checkpoint": str(checkpoint), "manifest": str(manifest), "model": ck.meta["model"]})
+    out_dir = out_dir or Path(checkpoint).parent / f"eval-{Path(manifest).stem}-{refs}{k}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / "per_image.csv.tmp"
+    with open(tmp, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, out_dir / "per_image.csv")
+    write_json_atomic(out_dir / "summary.json", summary)
+    (out_dir / "summary.md").write_text(summary_markdown(summary, f"{ck.meta['model']} on {manifest}"))
+    return out_dir, summary

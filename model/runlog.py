@@ -1,0 +1,83 @@
+"""Run outputs: metrics CSV, optional TensorBoard events, sample grids, JSON."""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+log = logging.getLogger("model")
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def save_png_atomic(img: Image.Image, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    img.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+class MetricsLogger:
+    """Appends rows to `<run>/metrics.csv`; mirrors scalars to TensorBoard when installed.
+
+    A missing `tensorboard` package is reported once as a warning, never silently.
+    """
+
+    def __init__(self, run_dir: Path, fields: list[str]):
+        self.path = run_dir / "metrics.csv"
+        self.fields = fields
+        new = not self.path.exists()
+        self._fh = open(self.path, "a", newline="")
+        self._csv = csv.DictWriter(self._fh, fieldnames=fields, extrasaction="ignore")
+        if new:
+            self._csv.writeheader()
+        self._tb = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(run_dir / "tb"))
+        except ImportError:
+            log.warning("tensorboard is not installed: no TensorBoard events (pip install tensorboard); metrics.csv is written")
+
+    def log(self, row: dict[str, Any]) -> None:
+        self._csv.writerow(row)
+        self._fh.flush()
+        if self._tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self._tb.add_scalar(k, v, row["step"])
+
+    def close(self) -> None:
+        self._fh.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def sample_grid(lr: torch.Tensor, refs: torch.Tensor, sr: torch.Tensor, hr: torch.Tensor, n: int = 4) -> Image.Image:
+    """Rows of LR (nearest) | bicubic | refs... | SR | HR, all at HR size.
+
+    Args:
+        lr: B, 3, 16, 16; refs: B, M, 3, R, R; sr, hr: B, 3, S, S; all [0, 1].
+    """
+    S = hr.shape[-1]
+    rows = []
+    for i in range(min(n, lr.shape[0])):
+        tiles = [
+            F.interpolate(lr[i : i + 1], size=S, mode="nearest"),
+            F.interpolate(lr[i : i + 1], size=S, mode="bicubic", align_corners=False),
+        ]
+        tiles += [F.interpolate(r[None], size=S, mode="bicubic", align_corners=False) for r in refs[i]]
+        tiles += [sr[i : i + 1], hr[i : i + 1]]
+        rows.append(torch.cat([t.float().cpu().clamp(0, 1) for t in tiles], dim=-1))  # 1, 3, S, S*k
+    grid = torch.cat(rows, dim=-2)[0]  # 3, S*n, S*k
+    return Image.fromarray(grid.mul(255).round().byte().permute(1, 2, 0).numpy())

@@ -1,0 +1,189 @@
+"""Training: one frozen config, one loop (nanoGPT style); state lives outside the network."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from .checkpoint import load_checkpoint, load_weights, restore_optimizer, restore_rng, save_checkpoint
+from .data import ManifestDataset, ResumableBatchSampler
+from .errors import MsrError
+from .registry import create_model
+from .runlog import MetricsLogger, sample_grid, save_png_atomic, write_json_atomic
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a run depends on; written to `<runs_dir>/<name>/config.json`."""
+
+    manifest: Path
+    model: str = "msrnet_x8"
+    name: str = "msrnet"
+    runs_dir: Path = Path("runs")
+    data_root: Path | None = None
+    val_manifest: Path | None = None
+    num_refs: int = 4
+    refs: str = "matched"  # matched | random | none
+    use_swin: bool = True
+    steps: int = 10_000
+    batch_size: int = 4
+    lr: float = 2e-4
+    beta1: float = 0.9
+    beta2: float = 0.999
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.01  # cosine decays to lr * min_lr_ratio
+    grad_clip: float = 1.0  # max grad norm; 0 disables
+    ema_decay: float = 0.0  # 0 disables EMA
+    stage1_weight: float = 0.0  # x16: extra L1 on I_SR^1 vs the HR downscaled to 128
+    flip: bool = True
+    workers: int = 0
+    seed: int = 0
+    log_every: int = 10
+    ckpt_every: int = 500
+    sample_every: int = 500
+    device: str = "auto"
+    resume: bool = False
+    stop_after: int | None = None  # stop (and checkpoint) at this step; the schedule still spans `steps`
+    progress: bool = True
+
+    def to_json(self) -> dict:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup, then cosine from cfg.lr to cfg.lr * min_lr_ratio over cfg.steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+
+
+class Ema(nn.Module):
+    """Exponential moving average of a model's weights (buffers copied)."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        super().__init__()
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay = decay
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for e, p in zip(self.module.state_dict().values(), model.state_dict().values()):
+            e.lerp_(p, 1 - self.decay) if e.is_floating_point() else e.copy_(p)
+
+    def state_dict(self, *args, **kwargs):
+        return self.module.state_dict(*args, **kwargs)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Train (or resume) a run; returns the run directory.
+
+    Raises:
+        MsrError / ManifestError with a message saying what to fix.
+    """
+    device = pick_device(cfg.device)
+    run_dir = Path(cfg.runs_dir) / cfg.name
+    last = run_dir / "last.safetensors"
+    if last.exists() and not cfg.resume:
+        raise MsrError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --name")
+    if cfg.resume and not last.exists():
+        raise MsrError(f"{last}: nothing to resume; drop --resume to start a new run")
+    torch.manual_seed(cfg.seed)
+    model_kwargs = {} if cfg.use_swin else {"use_swin": False}
+    model = create_model(cfg.model, **model_kwargs).to(device)
+    ds = ManifestDataset(cfg.manifest, model.scale, cfg.num_refs, cfg.refs, cfg.data_root, cfg.flip, cfg.seed)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    ema = Ema(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    step, best = 0, float("inf")
+    if cfg.resume:
+        ck = load_checkpoint(last)
+        if ck.meta["model"] != cfg.model or ck.meta["model_kwargs"] != model_kwargs:
+            raise MsrError(f"{last}: holds {ck.meta['model']} {ck.meta['model_kwargs']}, not {cfg.model} {model_kwargs}")
+        load_weights(model, ck.section("model"), str(last))
+        if ema is not None and ck.section("ema"):
+            load_weights(ema.module, ck.section("ema"), str(last))
+        restore_optimizer(opt, ck)
+        restore_rng(ck)
+        step, best = ck.meta["step"], ck.meta["best"]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(run_dir / "config.json", {**cfg.to_json(), "model_kwargs": model_kwargs, "scale": model.scale})
+    val = None
+    if cfg.val_manifest is not None:
+        val = ManifestDataset(cfg.val_manifest, model.scale, cfg.num_refs, cfg.refs, cfg.data_root)
+    end = min(cfg.steps, cfg.stop_after) if cfg.stop_after is not None else cfg.steps
+    loader = DataLoader(ds, batch_sampler=ResumableBatchSampler(len(ds), cfg.batch_size, cfg.seed, end, step),
+                        num_workers=cfg.workers, pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0)
+    logger = MetricsLogger(run_dir, ["step", "loss", "lr", "samples_per_s", "val_psnr_y"])
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+    def checkpoint(kind: str, score: float) -> None:
+        meta = {"model": cfg.model, "model_kwargs": model_kwargs, "step": step, "best": best,
+                "score": score, "config": cfg.to_json()}
+        save_checkpoint(run_dir / f"{kind}.safetensors", model, meta, opt, ema.module if ema else None)
+
+    from .progress import train_progress
+
+    losses, t0, seen = [], time.perf_counter(), 0
+    with train_progress(cfg.progress, total=end, done=step) as bar:
+        model.train()
+        for batch in loader:
+            lr_now = lr_at(step, cfg)
+            for g in opt.param_groups:
+                g["lr"] = lr_now
+            lr_img, hr = batch["lr"].to(device), batch["hr"].to(device)
+            refs, mask = batch["refs"].to(device), batch["ref_mask"].to(device)
+            with amp:
+                feats = model.forward_features(lr_img, refs, mask)
+                sr = model.forward_head(feats)
+                loss = F.l1_loss(sr.float(), hr)
+                if cfg.stage1_weight > 0 and "sr1" in feats:
+                    hr1 = F.interpolate(hr, size=feats["sr1"].shape[-1], mode="bicubic", align_corners=False, antialias=True)
+                    loss = loss + cfg.stage1_weight * F.l1_loss(feats["sr1"].float(), hr1)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            if ema is not None:
+                ema.update(model)
+            step += 1
+            seen += lr_img.shape[0]
+            losses.append(loss.item())
+            rate = seen / (time.perf_counter() - t0)
+            bar.update(step, loss=losses[-1], rate=rate)
+            if step % cfg.log_every == 0 or step == end:
+                logger.log({"step": step, "loss": sum(losses[-cfg.log_every:]) / len(losses[-cfg.log_every:]),
+                            "lr": lr_now, "samples_per_s": rate})
+            if step % cfg.sample_every == 0 or step == end:
+                save_png_atomic(sample_grid(lr_img, refs, sr.detach(), hr), run_dir / f"samples_{step:07d}.png")
+            if step % cfg.ckpt_every == 0 or step == end:
+                if val is not None:
+                    from .evaluate import evaluate_dataset
+
+                    summary = evaluate_dataset(ema.module if ema else model, val, device, batch_size=cfg.batch_size)[1]
+                    score = -summary["sr"]["psnr_y"]
+                    logger.log({"step": step, "val_psnr_y": -score})
+                    model.train()
+                else:  # no validation set: best = lowest mean training loss since the last checkpoint
+                    score = sum(losses[-cfg.ckpt_every:]) / len(losses[-cfg.ckpt_every:])
+                if score < best:
+                    best = score
+                    checkpoint("best", score)
+                checkpoint("last", score)
+    logger.close()
+    return run_dir

@@ -1,0 +1,56 @@
+"""Checkpoints: round trip, truncation, foreign architecture."""
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from model import CheckpointError, create_model
+from model.checkpoint import load_checkpoint, model_from_checkpoint, restore_optimizer, save_checkpoint
+
+
+def _save(path, name="msrnet_tiny_x4"):
+    torch.manual_seed(0)
+    model = create_model(name)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model(torch.rand(1, 3, 16, 16), torch.rand(1, 1, 3, 64, 64)).mean().backward()
+    opt.step()
+    save_checkpoint(path, model, {"model": name, "model_kwargs": {}, "step": 1, "best": 0.0}, opt)
+    return model, opt
+
+
+def test_round_trip(tmp_path):
+    model, opt = _save(tmp_path / "c.safetensors")
+    assert not list(tmp_path.glob("*.tmp"))
+    ck = load_checkpoint(tmp_path / "c.safetensors")
+    again = model_from_checkpoint(ck)
+    for (n, a), b in zip(model.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), n
+    opt2 = torch.optim.Adam(again.parameters(), lr=1e-3)
+    restore_optimizer(opt2, ck)
+    s1, s2 = opt.state_dict()["state"], opt2.state_dict()["state"]
+    assert all(torch.equal(s1[i]["exp_avg"], s2[i]["exp_avg"]) for i in s1)
+
+
+def test_truncated_checkpoint_is_a_clear_error(tmp_path):
+    _save(tmp_path / "c.safetensors")
+    data = (tmp_path / "c.safetensors").read_bytes()
+    (tmp_path / "t.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_checkpoint(tmp_path / "t.safetensors")
+
+
+def test_foreign_safetensors_and_other_architecture(tmp_path):
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "f.safetensors"))
+    with pytest.raises(CheckpointError, match="not an msrface checkpoint"):
+        load_checkpoint(tmp_path / "f.safetensors")
+    _save(tmp_path / "c.safetensors", "msrnet_tiny_x4")
+    ck = load_checkpoint(tmp_path / "c.safetensors")
+    ck.meta["model"] = "msrnet_tiny_x16"  # weights of x4 under the name of x16
+    with pytest.raises(CheckpointError, match="other architecture"):
+        model_from_checkpoint(ck)
+
+
+def test_missing_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        load_checkpoint(tmp_path / "nope.safetensors")
