@@ -35,7 +35,9 @@ class Check:
         self.violations.append(msg)
 
 
-def _safe(root: Path, rel: str) -> Path | None:
+def _safe(root: Path, rel: str | None) -> Path | None:
+    if not isinstance(rel, str) or not rel:  # null or empty in a tampered file
+        return None
     p = Path(rel)
     return None if p.is_absolute() or ".." in p.parts else root / p
 
@@ -153,15 +155,31 @@ def audit_manifest(path: Path, checks: list[Check], holdout_ids: set[str], train
     if t is None:
         return
     meta = metadata(path)
-    m = int(meta.get("m", "0"))
-    hr_root, ref_root = Path(meta.get("hr_root", "")), Path(meta.get("ref_root", ""))
     rows = t.to_pylist()
+    try:
+        m = int(meta.get("m", "0"))
+    except ValueError:
+        m = -1
     c_m = Check(f"{path.parent.name}/{path.name}: m={m} references per row", len(rows))
+    if m < 1:
+        c_m.fail(f"{path}: metadata m={meta.get('m')!r} is not a positive number")
+    hr_root, ref_root = Path(meta.get("hr_root", "")), Path(meta.get("ref_root", ""))
     c_f = Check(f"{path.parent.name}/{path.name}: files present inside their roots", 0)
     c_l = Check(f"{path.parent.name}/{path.name}: no held-out identity as reference or in train", 0)
+    c_i = Check(f"{path.parent.name}/{path.name}: references are other faces and identities", 0)
     for r in rows:
-        if len(r["ref_paths"]) != m or len(r["ref_face_ids"]) != m:
+        for k in ("ref_face_ids", "ref_paths", "ref_identities", "ref_distances"):
+            if r[k] is None:
+                c_m.fail(f"{r['face_id']}: {k} is null")
+                r[k] = []
+        if not (len(r["ref_paths"]) == len(r["ref_face_ids"]) == len(r["ref_identities"]) == len(r["ref_distances"]) == m):
             c_m.fail(f"{r['face_id']}: {len(r['ref_paths'])} references, expected {m}")
+        for fid, ident in zip(r["ref_face_ids"], r["ref_identities"]):
+            c_i.checked += 1
+            if fid == r["face_id"]:
+                c_i.fail(f"{r['face_id']}: references itself")
+            elif r["identity"] is not None and ident == r["identity"]:
+                c_i.fail(f"{r['face_id']}: reference {fid} has the same identity {ident}")
         for root, rel in [(hr_root, r["hr_path"])] + [(ref_root, p) for p in r["ref_paths"]]:
             c_f.checked += 1
             p = _safe(root, rel)
@@ -177,7 +195,7 @@ def audit_manifest(path: Path, checks: list[Check], holdout_ids: set[str], train
             c_l.fail(f"{r['face_id']}: train row of val/test identity {r['identity']}")
         if r["split"] in ("val", "test") and r["identity"] is not None and r["identity"] in train_ids:
             c_l.fail(f"{r['face_id']}: {r['split']} row of train identity {r['identity']}")
-    checks += [c_m, c_f, c_l]
+    checks += [c_m, c_f, c_l, c_i]
 
 
 def run(cfg: AuditConfig) -> list[Check]:
@@ -186,7 +204,11 @@ def run(cfg: AuditConfig) -> list[Check]:
     info = audit_library(lib, cfg.hashes, checks)
     manifests = list(cfg.manifests or [])
     if cfg.manifests is None and lib.config("pair").is_file():
-        manifests = [Path(p) for p in json.loads(lib.config("pair").read_text()).get("manifests", {}).values()]
+        try:
+            manifests = [Path(p) for p in json.loads(lib.config("pair").read_text()).get("manifests", {}).values()]
+        except (ValueError, AttributeError, TypeError) as e:
+            checks.append(Check("pair.config.json readable", 1, [f"{lib.config('pair')}: not the JSON `pair` wrote ({e}); "
+                                                                 "rerun `refbuild pair` or pass --manifest"]))
     idents = defaultdict(set)
     for path in manifests:
         try:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 
 from data_manifests import ManifestError
 from refbuild.errors import RefbuildError
@@ -50,7 +51,7 @@ def _check_engine(engine: str, workers: int) -> None:
 
 
 def _fail(e: Exception) -> None:
-    console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+    console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)  # paths may hold [ ]
     raise typer.Exit(1)
 
 
@@ -213,7 +214,7 @@ def query(
         from rich.console import Console
         from rich.table import Table
 
-        t = Table(*cols, caption=f"{len(rows)} rows" + (f", first {max_rows} shown" if len(rows) > max_rows else ""))
+        t = Table(*(escape(c) for c in cols), caption=f"{len(rows)} rows" + (f", first {max_rows} shown" if len(rows) > max_rows else ""))
         for r in rows[:max_rows]:
             t.add_row(*(_cell(v) for v in r))
         Console().print(t)
@@ -223,7 +224,7 @@ def _cell(v) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     s = str(v)
-    return s if len(s) <= 60 else s[:57] + "..."
+    return escape(s if len(s) <= 60 else s[:57] + "...")
 
 
 @app.command()
@@ -243,13 +244,13 @@ def audit(
     checks = run(AuditConfig(lib=lib, hashes=hashes, manifests=tuple(manifest) if manifest else None))
     bad = [c for c in checks if c.violations]
     if not quiet:
-        t = Table("check", "checked", "violations", title=f"refbuild audit {lib}", title_justify="left")
+        t = Table("check", "checked", "violations", title=escape(f"refbuild audit {lib}"), title_justify="left")
         for c in checks:
-            t.add_row(c.name, f"{c.checked:,}", f"[red]{len(c.violations)}[/]" if c.violations else "[green]0[/]")
+            t.add_row(escape(c.name), f"{c.checked:,}", f"[red]{len(c.violations)}[/]" if c.violations else "[green]0[/]")
         console.print(t)
     for c in bad:
         for v in c.violations[:10]:
-            console.print(f"[red]violation[/] {c.name}: {v}", highlight=False, soft_wrap=True)
+            console.print(f"[red]violation[/] {escape(c.name)}: {escape(v)}", highlight=False, soft_wrap=True)
         if len(c.violations) > 10:
             console.print(f"  ... and {len(c.violations) - 10} more", highlight=False)
     if bad:

@@ -21,7 +21,7 @@ from data_manifests import FACES, REJECTS, read_table
 from refbuild import shards
 from refbuild.errors import RefbuildError
 from refbuild.images import BadImage, Decoded, list_images, read_and_decode
-from refbuild.io import config_dict, library_lock, write_bytes, write_json, write_table
+from refbuild.io import config_dict, library_lock, outputs_together, write_bytes, write_json, write_table
 from refbuild.library import Library
 from refbuild.progress import bar, summary
 from pipelines.runners import Runner, make_runner, resolve_workers
@@ -246,9 +246,10 @@ def run(cfg: DetectConfig, runner: Runner | None = None) -> dict:
             [pa.Table.from_pylist(pre_rejects, schema=REJECTS)]
             + [read_table(shards.shard_file(wdir, i, "rejects"), "rejects") for i in range(len(parts))]
         ).sort_by("src_path")
-        write_table(lib.rejects, rejects, "rejects")
-        write_table(lib.faces, faces, "faces", {"src_root": str(cfg.src.resolve())})
-        write_json(lib.config("detect"), config_dict(cfg) | {"n_images": len(rels)})
+        with outputs_together():  # a full disk leaves the library as it was
+            write_table(lib.rejects, rejects, "rejects")
+            write_table(lib.faces, faces, "faces", {"src_root": str(cfg.src.resolve())})
+            write_json(lib.config("detect"), config_dict(cfg) | {"n_images": len(rels)})
         shards.finish(wdir)
     reasons: dict[str, int] = {}
     for r in rejects.column("reason").to_pylist():

@@ -112,6 +112,8 @@ class Detector:
             w, h = max(1, round(img.width * s)), max(1, round(img.height * s))
             arr = np.asarray(img.resize((w, h), Image.BILINEAR) if s < 1 else img, dtype=np.uint8)
             small.append(arr)
+            if min(h, w) < self._minsize(img.size):  # no face of minsize fits (MTCNN would fail on an empty pyramid)
+                continue  # stays Faces.empty()
             canvas = (-(-h // CANVAS_STEP) * CANVAS_STEP, -(-w // CANVAS_STEP) * CANVAS_STEP) if self.letterbox else (h, w)
             groups[canvas + (self._minsize(img.size),)].append(i)
         for (ch, cw, minsize), idx in sorted(groups.items()):

@@ -26,7 +26,7 @@ from data_manifests import features_schema, read_table
 from refbuild import shards
 from refbuild.backbones import PAPER_LAYERS, Backbone, build_backbone
 from refbuild.errors import RefbuildError
-from refbuild.io import config_dict, library_lock, write_json, write_table
+from refbuild.io import config_dict, library_lock, outputs_together, write_json, write_table
 from refbuild.library import Library
 from refbuild.progress import bar, summary
 from pipelines.runners import Runner, make_runner, resolve_workers
@@ -165,10 +165,16 @@ def run(cfg: EmbedConfig, runner: Runner | None = None) -> dict:
                 for n in runner.map(EmbedWorker, (cfg, view, grid, dim, wdir), tasks):
                     processed += n
                     prog.advance(task, n)
-            table = pa.concat_tables([read_table(shards.shard_file(wdir, i, "features"), "features") for i in range(len(parts))])
-            write_table(lib.features(view), table, "features", meta | {"view": view})
-            shards.finish(wdir)
-        write_json(lib.config("embed"), config_dict(cfg) | {"grid": grid, "dim": dim, "weights_id": backbone.weights_id, "note": backbone.note})
+        with outputs_together():  # every view's features and the config: all or none
+            for view in cfg.views:
+                wdir = shards.work_dir(lib.root, f"embed-{view}")
+                n_parts = len(shards.chunks(len(ids), cfg.shard_size))
+                table = pa.concat_tables([read_table(shards.shard_file(wdir, i, "features"), "features") for i in range(n_parts)])
+                write_table(lib.features(view), table, "features", meta | {"view": view})
+                del table
+            write_json(lib.config("embed"), config_dict(cfg) | {"grid": grid, "dim": dim, "weights_id": backbone.weights_id, "note": backbone.note})
+        for view in cfg.views:
+            shards.finish(shards.work_dir(lib.root, f"embed-{view}"))
     elapsed = time.perf_counter() - t0
     stats |= {"views": ",".join(cfg.views), "embedded_now": processed, "seconds": round(elapsed, 1),
               "faces_per_s": round(processed / elapsed, 2) if processed else None}

@@ -116,7 +116,10 @@ def list_images(src: Path) -> tuple[list[str], list[tuple[str, str]]]:
     """Image files under `src`, as sorted POSIX paths relative to it.
 
     Returns (paths, outside) where `outside` lists (path, target) for symbolic
-    links that resolve outside `src`; those are never read.
+    links that resolve outside `src`; those are never read. Broken links (dangling,
+    or a loop) are listed in `paths`: reading them fails, so each becomes an
+    `unreadable` reject instead of vanishing. Special files (FIFOs, sockets,
+    devices) are skipped: they hold no image, and reading a FIFO would block.
     """
     root = src.resolve()
     paths, outside = [], []
@@ -124,10 +127,14 @@ def list_images(src: Path) -> tuple[list[str], list[tuple[str, str]]]:
         if p.suffix.lower() not in IMAGE_EXTS or p.name.startswith(".tmp-"):
             continue
         rel = p.relative_to(src).as_posix()
-        real = p.resolve()
+        try:
+            real = p.resolve()
+        except (OSError, RuntimeError):  # a symlink loop (RuntimeError before Python 3.13)
+            paths.append(rel)
+            continue
         if not real.is_relative_to(root):
             outside.append((rel, str(real)))
             continue
-        if real.is_file():
+        if real.is_file() or (p.is_symlink() and not real.exists()):
             paths.append(rel)
     return paths, outside

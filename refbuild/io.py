@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -27,21 +28,62 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+def _write_error(target: Path, e: OSError) -> RefbuildError:
+    return RefbuildError(f"{target}: could not write ({e.strerror or e}); free space or fix permissions and rerun")
+
+
+_together = threading.local()  # the renames held back by `outputs_together`, if one is open
+
+
+@contextlib.contextmanager
+def outputs_together() -> Iterator[None]:
+    """Write a stage's final outputs as one unit: every file of the block goes to its
+    temp file (where a full disk fails), and all are renamed into place only when the
+    whole block succeeded. A failure renames none, so the library stays as it was."""
+    pending: list[tuple[Path, Path]] = []
+    outer = getattr(_together, "pending", None)
+    _together.pending = pending
+    try:
+        yield
+    except BaseException:
+        for tmp, _ in pending:
+            tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        _together.pending = outer
+    for i, (tmp, target) in enumerate(pending):
+        try:
+            os.replace(tmp, target)
+        except OSError as e:
+            for t, _ in pending[i:]:
+                t.unlink(missing_ok=True)
+            raise _write_error(target, e) from e
+
+
 @contextlib.contextmanager
 def _atomic_path(target: Path) -> Iterator[Path]:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + target.name + ".", dir=target.parent)
-    os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs are ordinary files
-    os.close(fd)
+    try:  # a full disk (no free inode) or a read-only folder fails here already
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + target.name + ".", dir=target.parent)
+    except OSError as e:
+        raise _write_error(target, e) from e
     tmp_path = Path(tmp)
     try:
+        try:
+            os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs are ordinary files
+        finally:
+            os.close(fd)
         yield tmp_path
         with open(tmp_path, "rb") as f:
             os.fsync(f.fileno())
-        os.replace(tmp_path, target)
+        pending = getattr(_together, "pending", None)
+        if pending is not None:
+            pending.append((tmp_path, target))  # renamed by outputs_together
+        else:
+            os.replace(tmp_path, target)
     except OSError as e:
         tmp_path.unlink(missing_ok=True)
-        raise RefbuildError(f"{target}: could not write ({e.strerror or e}); free space or fix permissions and rerun") from e
+        raise _write_error(target, e) from e
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
@@ -90,9 +132,12 @@ def remove_orphan_temps(folder: Path, recursive: bool = False) -> int:
 @contextlib.contextmanager
 def library_lock(lib: Path, stage: str) -> Iterator[None]:
     """Hold an exclusive lock on the library for the duration of a writing stage."""
-    lib.mkdir(parents=True, exist_ok=True)
     lock_path = lib / ".lock"
-    f = open(lock_path, "a+")
+    try:
+        lib.mkdir(parents=True, exist_ok=True)
+        f = open(lock_path, "a+")
+    except OSError as e:
+        raise _write_error(lock_path, e) from e
     try:
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -102,10 +147,11 @@ def library_lock(lib: Path, stage: str) -> Iterator[None]:
             raise RefbuildError(
                 f"{lib}: library is locked by {holder}; wait for it to finish (or kill it) and rerun"
             ) from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"refbuild {stage} (pid {os.getpid()})")
-        f.flush()
+        try:  # unbuffered, so a failed write leaves nothing for close() to retry
+            os.ftruncate(f.fileno(), 0)
+            os.write(f.fileno(), f"refbuild {stage} (pid {os.getpid()})".encode())
+        except OSError as e:  # a full disk: the stage could not write anything either
+            raise _write_error(lock_path, e) from e
         remove_orphan_temps(lib, recursive=True)  # no writer but us now: every temp file is a killed run's
         yield
     finally:

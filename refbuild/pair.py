@@ -25,7 +25,7 @@ from data_manifests import PAIRS, TRAINING_MANIFEST, metadata, read_table
 from refbuild import shards
 from refbuild.errors import RefbuildError
 from refbuild.knn import L1Index
-from refbuild.io import config_dict, library_lock, remove_orphan_temps, sha256_file, write_json, write_table
+from refbuild.io import config_dict, library_lock, outputs_together, remove_orphan_temps, sha256_file, write_json, write_table
 from refbuild.library import Library
 from refbuild.progress import bar, summary
 
@@ -214,10 +214,11 @@ def run(cfg: PairConfig) -> dict:
         meta = {k: pool_side.meta.get(k, "") for k in ("backbone", "weights_id", "note", "layers", "grid")} | {
             "m": str(cfg.m), "pool": cfg.pool, "query_view": cfg.query_view,
             "query_library": str(query.lib.root.resolve()) if cross else "self"}
-        write_table(lib.pairs, pairs, "pairs", meta)
-        manifests = write_manifests(pairs, query, pool_side, cfg, meta)
+        with outputs_together():  # pairs, manifests and config: all or none
+            write_table(lib.pairs, pairs, "pairs", meta)
+            manifests = write_manifests(pairs, query, pool_side, cfg, meta)
+            write_json(lib.config("pair"), config_dict(cfg) | {"manifests": {k: str(v) for k, v in manifests.items()}, "k0": k0, "gpu": gpu})
         shards.finish(wdir)
-        write_json(lib.config("pair"), config_dict(cfg) | {"manifests": {k: str(v) for k, v in manifests.items()}, "k0": k0, "gpu": gpu})
     elapsed = time.perf_counter() - t0
     n_refs = pairs.column("n_refs").to_numpy() if pairs.num_rows else np.zeros(0)
     short = int((n_refs < cfg.m).sum())

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -40,9 +41,9 @@ def bar(quiet: bool = False) -> Progress:
 def summary(title: str, rows: list[tuple[str, object]], quiet: bool = False) -> None:
     if quiet:
         return
-    t = Table(title=title, show_header=False, title_justify="left")
+    t = Table(title=escape(title), show_header=False, title_justify="left")  # paths may hold [ ]
     t.add_column(style="bold")
     t.add_column(justify="right")
     for k, v in rows:
-        t.add_row(k, f"{v:,}" if isinstance(v, int) else str(v))
+        t.add_row(escape(k), f"{v:,}" if isinstance(v, int) else escape(str(v)))
     console.print(t)

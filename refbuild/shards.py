@@ -40,7 +40,10 @@ def prepare(wdir: Path, fingerprint: dict[str, Any], overwrite: bool) -> None:
                 f"{wdir}: an unfinished earlier run used other settings ({', '.join(changed)}); "
                 "rerun with the same options to resume it, or add --overwrite to discard it"
             )
-    wdir.mkdir(parents=True, exist_ok=True)
+    try:
+        wdir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # no free inode, or a read-only library
+        raise RefbuildError(f"{wdir}: could not create ({e.strerror or e}); free space or fix permissions and rerun") from e
     remove_orphan_temps(wdir)
     write_json(fp_path, fingerprint)
 

@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from data_manifests import read_table
 from refbuild.errors import RefbuildError
-from refbuild.io import config_dict, library_lock, write_json, write_table
+from refbuild.io import config_dict, library_lock, outputs_together, write_json, write_table
 from refbuild.library import Library
 from refbuild.progress import summary
 
@@ -117,8 +117,9 @@ def run(cfg: SplitConfig) -> dict:
     table = pa.table({"face_id": ids, "split": splits, "group": groups}, schema=pa.schema([
         ("face_id", pa.string()), ("split", pa.string()), ("group", pa.string())]))
     with library_lock(lib.root, "split"):
-        write_table(lib.splits, table, "splits")
-        write_json(lib.config("split"), config_dict(cfg))
+        with outputs_together():
+            write_table(lib.splits, table, "splits")
+            write_json(lib.config("split"), config_dict(cfg))
     idents = faces.column("identity").to_pylist()
     joined = len({i for i in idents if i is not None}) - len({g for g, i in zip(groups, idents) if i is not None})
     stats: dict = {"faces": len(ids), "groups": len(sizes), "identities_joined_by_shared_photos": joined}

@@ -210,5 +210,5 @@ def test_list_images_sorted_filtered_and_links(tmp_path):
     (src / "inside.jpg").symlink_to(src / "a.jpg")
     (src / "dangling.png").symlink_to(src / "nope.png")
     rels, out = list_images(src)
-    assert rels == ["a.jpg", "b/1.jpeg", "b/2.PNG", "inside.jpg"]
+    assert rels == ["a.jpg", "b/1.jpeg", "b/2.PNG", "dangling.png", "inside.jpg"]  # a broken link is listed: it becomes an unreadable reject
     assert out == [("escape.jpg", str(outside.resolve()))]
