@@ -8,6 +8,8 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,8 +115,14 @@ def encode_crop(img: Image.Image, box: tuple[int, int, int, int], size: int, fmt
     return buf.getvalue()
 
 
-def _crop_rel(fid: str, fmt: str) -> str:
-    return f"crops/{fid[:2]}/{fid}.{fmt}"
+def crop_key(cfg: DetectConfig) -> str:
+    """Crops of one configuration live in their own folder, crops/<key>/, so a rerun
+    with other settings never overwrites the crops the current faces.parquet names."""
+    return hashlib.sha256(json.dumps(cfg.fingerprint(), sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def _crop_rel(fid: str, fmt: str, key: str) -> str:
+    return f"crops/{key}/{fid[:2]}/{fid}.{fmt}"
 
 
 def process_shard(rels: list[str], cfg: DetectConfig, labels: dict[str, str], detector) -> tuple[pa.Table, pa.Table]:
@@ -162,7 +170,7 @@ def process_shard(rels: list[str], cfg: DetectConfig, labels: dict[str, str], de
             kept = [(res.boxes[i], float(res.probs[i]), res.landmarks[i]) for i in (big if cfg.all_faces else big[:1])]
         for k, (box, prob, lm) in enumerate(kept):
             fid = face_id(rel, k)
-            crop_rel = _crop_rel(fid, cfg.crop_format)
+            crop_rel = _crop_rel(fid, cfg.crop_format, crop_key(cfg))
             sq = tuple(int(v) for v in box) if cfg.aligned else square_box(box, cfg.margin)
             write_bytes(lib.root / crop_rel, encode_crop(dec.image, sq, cfg.crop_size, cfg.crop_format))
             faces.append({
@@ -251,6 +259,9 @@ def run(cfg: DetectConfig, runner: Runner | None = None) -> dict:
             write_table(lib.faces, faces, "faces", {"src_root": str(cfg.src.resolve())})
             write_json(lib.config("detect"), config_dict(cfg) | {"n_images": len(rels)})
         shards.finish(wdir)
+        for old in lib.crops.iterdir() if lib.crops.is_dir() else []:
+            if old.is_dir() and old.name != crop_key(cfg):  # crops of an earlier configuration
+                shutil.rmtree(old)
     reasons: dict[str, int] = {}
     for r in rejects.column("reason").to_pylist():
         reasons[r] = reasons.get(r, 0) + 1

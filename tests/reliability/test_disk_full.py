@@ -212,8 +212,6 @@ def test_rerun_with_other_settings_on_a_full_disk(ref, stage, other, monkeypatch
     record("disk_full", ("simulated", "rerun with other settings", stage))
 
 
-@pytest.mark.xfail(strict=True, reason="known limitation: detect rewrites crops in place; a rerun with another "
-                   "--crop-size that fails midway leaves crops of two sizes under the old faces.parquet")
 def test_detect_rerun_with_other_crop_size_on_a_full_disk(ref, monkeypatch):
     ref.reset_to(ref.after["detect"])
     before = ref.now()
