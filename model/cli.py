@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 from rich.console import Console
 from rich.table import Table
 
@@ -30,7 +31,7 @@ def _run(fn, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
     except (MsrError, ManifestError) as e:
-        err.print(f"[red]error:[/red] {e}", markup=True, highlight=False, soft_wrap=True)
+        err.print(f"[red]error:[/red] {escape(str(e))}", markup=True, highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
 
 
@@ -62,6 +63,7 @@ def train(
     stop_after: Annotated[Optional[int], typer.Option(help="stop at this step (schedule still spans --steps)")] = None,
 ) -> None:
     """Train MSRNet on a training manifest."""
+    from .distributed import from_env
     from .train import TrainConfig, train as run_train
 
     cfg = TrainConfig(
@@ -72,7 +74,8 @@ def train(
         device=device, resume=resume, stop_after=stop_after,
     )
     run_dir = _run(run_train, cfg)
-    out.print(f"run written to {run_dir}")
+    if _run(from_env).is_main:  # under torchrun every process returns here
+        out.print(f"run written to {run_dir}")
 
 
 @app.command("eval")

@@ -110,6 +110,10 @@ class ManifestDataset(Dataset):
             if not roots[key].is_absolute():
                 raise MsrError(f"{manifest}: {key} {str(root)!r} must be an absolute path; pass --data-root")
         cols = table.to_pydict()
+        null_refs = [f for f, rps in zip(cols["face_id"], cols["ref_paths"]) if rps is None]
+        if null_refs:
+            raise MsrError(f"{manifest}: {len(null_refs)} row(s) with null ref_paths, first {null_refs[0]}; "
+                           "rebuild the manifest with `refbuild pair`")
         self.rows = [
             Row(
                 face_id=fid,
@@ -172,16 +176,26 @@ class ManifestDataset(Dataset):
 class ResumableBatchSampler(Sampler[list[int]]):
     """Batches of sample keys for steps [start_step, total_steps).
 
-    Epoch e is a permutation seeded by (seed, e); a batch never crosses an epoch
-    (drop_last), so step k always sees the same keys, with or without a resume.
+    Epoch e is a permutation seeded by (seed, e); a global batch of
+    `batch_size * world_size` keys never crosses an epoch (drop_last), so step k
+    always sees the same keys, with or without a resume. Under data-parallel
+    training rank r takes the contiguous slice [r*batch_size, (r+1)*batch_size) of
+    it: N ranks with batch b see exactly what one process with batch N*b sees.
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int, total_steps: int, start_step: int = 0):
-        if n < batch_size:
-            raise MsrError(f"the manifest has {n} rows, fewer than the batch size {batch_size}; lower --batch-size")
+    def __init__(self, n: int, batch_size: int, seed: int, total_steps: int, start_step: int = 0,
+                 rank: int = 0, world_size: int = 1):
+        if not 0 <= rank < world_size:
+            raise MsrError(f"rank {rank} is outside world size {world_size}")
+        if n < batch_size * world_size:
+            per = f" ({world_size} processes x {batch_size})" if world_size > 1 else ""
+            raise MsrError(f"the manifest has {n} rows, fewer than the batch size {batch_size * world_size}{per}; "
+                           "lower --batch-size")
         self.n, self.bs, self.seed = n, batch_size, seed
         self.start, self.total = start_step, total_steps
-        self.per_epoch = n // batch_size
+        self.global_bs = batch_size * world_size
+        self.offset = rank * batch_size
+        self.per_epoch = n // self.global_bs
 
     def __len__(self) -> int:
         return max(0, self.total - self.start)
@@ -193,7 +207,8 @@ class ResumableBatchSampler(Sampler[list[int]]):
             if epoch != perm_epoch:
                 g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
                 perm, perm_epoch = torch.randperm(self.n, generator=g), epoch
-            yield [epoch * self.n + int(i) for i in perm[k * self.bs : (k + 1) * self.bs]]
+            lo = k * self.global_bs + self.offset
+            yield [epoch * self.n + int(i) for i in perm[lo : lo + self.bs]]
 
 
 __all__ = ["ManifestDataset", "ResumableBatchSampler", "ManifestError", "degrade", "load_rgb", "to_tensor"]

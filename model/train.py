@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from . import distributed
 from .checkpoint import load_checkpoint, load_weights, restore_optimizer, restore_rng, save_checkpoint
 from .data import ManifestDataset, ResumableBatchSampler
 from .errors import MsrError
@@ -90,27 +91,48 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+class _Step(nn.Module):
+    """forward_features + forward_head as one forward: DDP syncs gradients only of what runs through forward."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, lr: torch.Tensor, refs: torch.Tensor, mask: torch.Tensor):
+        feats = self.model.forward_features(lr, refs, mask)
+        return feats, self.model.forward_head(feats)
+
+
 def train(cfg: TrainConfig) -> Path:
     """Train (or resume) a run; returns the run directory.
+
+    Under `torchrun --nproc-per-node N` (RANK/WORLD_SIZE in the environment) this is
+    data-parallel: `cfg.batch_size` per process, rank 0 alone writes the run folder.
 
     Raises:
         MsrError / ManifestError with a message saying what to fix.
     """
-    device = pick_device(cfg.device)
+    info = distributed.from_env()
+    device = distributed.rank_device(cfg.device, info)
+    with distributed.process_group(info, device):
+        return _train(cfg, info, device)
+
+
+def _train(cfg: TrainConfig, info: distributed.DistInfo, device: torch.device) -> Path:
     run_dir = Path(cfg.runs_dir) / cfg.name
     last = run_dir / "last.safetensors"
     if last.exists() and not cfg.resume:
         raise MsrError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --name")
     if cfg.resume and not last.exists():
         raise MsrError(f"{last}: nothing to resume; drop --resume to start a new run")
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model_kwargs = {} if cfg.use_swin else {"use_swin": False}
     model = create_model(cfg.model, **model_kwargs).to(device)
     ds = ManifestDataset(cfg.manifest, model.scale, cfg.num_refs, cfg.refs, cfg.data_root, cfg.flip, cfg.seed)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     ema = Ema(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
     step, best = 0, float("inf")
-    if cfg.resume:
+    if cfg.resume:  # every rank loads `last`: weights, EMA and optimizer stay identical across ranks
         ck = load_checkpoint(last)
         if ck.meta["model"] != cfg.model or ck.meta["model_kwargs"] != model_kwargs:
             raise MsrError(f"{last}: holds {ck.meta['model']} {ck.meta['model_kwargs']}, not {cfg.model} {model_kwargs}")
@@ -120,15 +142,24 @@ def train(cfg: TrainConfig) -> Path:
         restore_optimizer(opt, ck)
         restore_rng(ck)
         step, best = ck.meta["step"], ck.meta["best"]
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(run_dir / "config.json", {**cfg.to_json(), "model_kwargs": model_kwargs, "scale": model.scale})
+    net = distributed.wrap(_Step(model), info, device)
     val = None
-    if cfg.val_manifest is not None:
+    if cfg.val_manifest is not None:  # read on every rank so that a bad one fails them all alike
         val = ManifestDataset(cfg.val_manifest, model.scale, cfg.num_refs, cfg.refs, cfg.data_root)
+        shared = {r.identity for r in ds.rows if r.identity} & {r.identity for r in val.rows if r.identity}
+        if shared:
+            raise MsrError(f"{cfg.val_manifest}: {len(shared)} identity(ies) also in {cfg.manifest}, e.g. "
+                           f"{sorted(shared)[0]}; validation must be identity-disjoint (rebuild with `refbuild split`)")
     end = min(cfg.steps, cfg.stop_after) if cfg.stop_after is not None else cfg.steps
-    loader = DataLoader(ds, batch_sampler=ResumableBatchSampler(len(ds), cfg.batch_size, cfg.seed, end, step),
-                        num_workers=cfg.workers, pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0)
-    logger = MetricsLogger(run_dir, ["step", "loss", "lr", "samples_per_s", "val_psnr_y"])
+    sampler = ResumableBatchSampler(len(ds), cfg.batch_size, cfg.seed, end, step, info.rank, info.world_size)
+    loader = DataLoader(ds, batch_sampler=sampler, num_workers=cfg.workers, pin_memory=device.type == "cuda",
+                        persistent_workers=cfg.workers > 0)
+    logger = None
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(run_dir / "config.json", {**cfg.to_json(), "model_kwargs": model_kwargs,
+                                                    "scale": model.scale, "world_size": info.world_size})
+        logger = MetricsLogger(run_dir, ["step", "loss", "lr", "samples_per_s", "val_psnr_y"])
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
     def checkpoint(kind: str, score: float) -> None:
@@ -136,10 +167,26 @@ def train(cfg: TrainConfig) -> Path:
                 "score": score, "config": cfg.to_json()}
         save_checkpoint(run_dir / f"{kind}.safetensors", model, meta, opt, ema.module if ema else None)
 
+    def validate_and_checkpoint() -> None:  # rank 0 only
+        nonlocal best
+        if val is not None:
+            from .evaluate import evaluate_dataset
+
+            summary = evaluate_dataset(ema.module if ema else model, val, device, batch_size=cfg.batch_size)[1]
+            score = -summary["sr"]["psnr_y"]
+            logger.log({"step": step, "val_psnr_y": -score})
+            model.train()
+        else:  # no validation set: best = lowest mean training loss since the last checkpoint
+            score = sum(losses[-cfg.ckpt_every:]) / len(losses[-cfg.ckpt_every:])
+        if score < best:
+            best = score
+            checkpoint("best", score)
+        checkpoint("last", score)
+
     from .progress import train_progress
 
     losses, t0, seen = [], time.perf_counter(), 0
-    with train_progress(cfg.progress, total=end, done=step) as bar:
+    with train_progress(cfg.progress and info.is_main, total=end, done=step) as bar:
         model.train()
         for batch in loader:
             lr_now = lr_at(step, cfg)
@@ -148,42 +195,32 @@ def train(cfg: TrainConfig) -> Path:
             lr_img, hr = batch["lr"].to(device), batch["hr"].to(device)
             refs, mask = batch["refs"].to(device), batch["ref_mask"].to(device)
             with amp:
-                feats = model.forward_features(lr_img, refs, mask)
-                sr = model.forward_head(feats)
+                feats, sr = net(lr_img, refs, mask)
                 loss = F.l1_loss(sr.float(), hr)
                 if cfg.stage1_weight > 0 and "sr1" in feats:
                     hr1 = F.interpolate(hr, size=feats["sr1"].shape[-1], mode="bicubic", align_corners=False, antialias=True)
                     loss = loss + cfg.stage1_weight * F.l1_loss(feats["sr1"].float(), hr1)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # under DDP: gradients averaged over ranks = gradient of the global-batch mean
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
             if ema is not None:
                 ema.update(model)
             step += 1
-            seen += lr_img.shape[0]
-            losses.append(loss.item())
+            seen += lr_img.shape[0] * info.world_size
+            losses.append(distributed.mean_over_ranks(loss.detach(), info).item())
             rate = seen / (time.perf_counter() - t0)
             bar.update(step, loss=losses[-1], rate=rate)
-            if step % cfg.log_every == 0 or step == end:
+            if info.is_main and (step % cfg.log_every == 0 or step == end):
                 logger.log({"step": step, "loss": sum(losses[-cfg.log_every:]) / len(losses[-cfg.log_every:]),
                             "lr": lr_now, "samples_per_s": rate})
-            if step % cfg.sample_every == 0 or step == end:
+            if info.is_main and (step % cfg.sample_every == 0 or step == end):
                 save_png_atomic(sample_grid(lr_img, refs, sr.detach(), hr), run_dir / f"samples_{step:07d}.png")
             if step % cfg.ckpt_every == 0 or step == end:
-                if val is not None:
-                    from .evaluate import evaluate_dataset
-
-                    summary = evaluate_dataset(ema.module if ema else model, val, device, batch_size=cfg.batch_size)[1]
-                    score = -summary["sr"]["psnr_y"]
-                    logger.log({"step": step, "val_psnr_y": -score})
-                    model.train()
-                else:  # no validation set: best = lowest mean training loss since the last checkpoint
-                    score = sum(losses[-cfg.ckpt_every:]) / len(losses[-cfg.ckpt_every:])
-                if score < best:
-                    best = score
-                    checkpoint("best", score)
-                checkpoint("last", score)
-    logger.close()
+                if info.is_main:
+                    validate_and_checkpoint()
+                distributed.barrier(info)  # no rank runs ahead of (or exits before) a checkpoint being written
+    if logger is not None:
+        logger.close()
     return run_dir

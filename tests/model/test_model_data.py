@@ -54,3 +54,13 @@ def test_batch_sampler_resumes_mid_epoch():
     assert sorted(k % 10 for b in full[:3] for k in b) == sorted(set(k % 10 for b in full[:3] for k in b))
     with pytest.raises(MsrError, match="batch size"):
         ResumableBatchSampler(2, 3, 0, 1)
+
+
+def test_batch_sampler_rank_slices_tile_the_global_batch():
+    """N ranks with batch b take contiguous slices of what one process with batch N*b takes, also after a resume."""
+    one = list(ResumableBatchSampler(10, 4, seed=1, total_steps=7))
+    ranks = [list(ResumableBatchSampler(10, 2, seed=1, total_steps=7, rank=r, world_size=2)) for r in (0, 1)]
+    assert [a + b for a, b in zip(*ranks)] == one
+    assert list(ResumableBatchSampler(10, 2, 1, 7, start_step=3, rank=1, world_size=2)) == ranks[1][3:]
+    with pytest.raises(MsrError, match=r"2 processes x 3"):
+        ResumableBatchSampler(5, 3, 0, 1, rank=0, world_size=2)

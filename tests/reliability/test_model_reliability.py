@@ -73,10 +73,7 @@ MODEL_REFUSES = {
 }
 
 
-MODEL_BUGS = {  # reported; strict xfail so the test turns red-to-green when fixed
-    "manifest identity in two splits": "model bug: train and --val-manifest may share an identity (no leak check)",
-    "manifest null reference list": "model bug: a row with null ref_paths trains silently with no references",
-}
+MODEL_BUGS: dict[str, str] = {}  # known model bugs: strict xfail so a test turns red-to-green when fixed
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=MODEL_BUGS[n]))
