@@ -59,7 +59,8 @@ class LocalRunner:
     def map(self, worker_cls: Callable[..., Worker], args: tuple, tasks: Sequence[Any]) -> Iterator[int]:
         if not tasks:
             return
-        if self.workers <= 1:
+        workers = min(self.workers, len(tasks))  # never start a process with nothing to do
+        if workers <= 1:
             import torch
 
             threads = torch.get_num_threads()
@@ -72,7 +73,7 @@ class LocalRunner:
                 torch.set_num_threads(threads)
             return
         ctx = mp.get_context("spawn")  # fork + OpenMP/torch threads can deadlock
-        with ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init,
+        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init,
                                  initargs=(worker_cls, args)) as pool:
             pending = {pool.submit(_call, t) for t in tasks}
             while pending:
