@@ -70,6 +70,40 @@ def train_and_eval(run: dict, a: argparse.Namespace) -> dict:
     return res
 
 
+def _cells(summary: dict, method: str) -> str:
+    m = summary[method]
+    return f"{m['psnr_y']:.2f} | {m['ssim_y']:.4f} | {m['psnr_rgb']:.2f} | {m['ssim_rgb']:.4f}"
+
+
+def render(results: dict) -> str:
+    """Markdown tables of a results.json (PSNR/SSIM on Y with border crop = scale, and RGB)."""
+    head = "| PSNR-Y | SSIM-Y | PSNR-RGB | SSIM-RGB |"
+    rule = "|---:|---:|---:|---:|"
+    r = {k: v for k, v in results.items() if not k.startswith("_")}
+    out = ["### Table 1: bicubic vs MSRNet", "", "| scale | method " + head, "|---|---" + rule]
+    for name, scale in (("x4_m4", "x4"), ("x8_m4", "x8"), ("x16_swin", "x16")):
+        if name in r:
+            ev = r[name]["evals"]["matched"]
+            out += [f"| {scale} | bicubic | {_cells(ev, 'bicubic')} |", f"| {scale} | MSRNet (m=4) | {_cells(ev, 'sr')} |"]
+    out += ["", "### Table 2: number of references (each trained with that many)", "", "| scale | refs " + head, "|---|---" + rule]
+    for name in sorted(n for n in r if n.startswith("x4_m")):
+        out.append(f"| x4 | {r[name]['run']['refs']} | {_cells(r[name]['evals']['matched'], 'sr')} |")
+    if "x16_swin" in r or "x16_noswin" in r:
+        out += ["", "### Table 3: GFE (Swin) at x16", "", "| variant " + head, "|---" + rule]
+        for name, label in (("x16_noswin", "no_sw (3x3 conv)"), ("x16_swin", "with_sw")):
+            if name in r:
+                out.append(f"| {label} | {_cells(r[name]['evals']['matched'], 'sr')} |")
+    out += ["", "### References at evaluation: matched, random (other identities), none; HR-view vs LR-view selection",
+            "", "| model | references " + head, "|---|---" + rule]
+    for name in ("x4_m4", "x8_m4"):
+        if name in r:
+            for key, label in (("matched", "matched, HR view"), ("lr_view", "matched, LR view"), ("random", "random"),
+                               ("none", "none")):
+                if key in r[name]["evals"]:
+                    out.append(f"| {name} | {label} | {_cells(r[name]['evals'][key], 'sr')} |")
+    return "\n".join(out) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--manifests", type=Path, required=True, help="folder with train/val/test.parquet (HR-view pairing)")
@@ -84,7 +118,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--only", nargs="*", help="run names to (re)run")
+    ap.add_argument("--render", action="store_true", help="print the Markdown tables of runs-dir/results.json and stop")
     a = ap.parse_args(argv)
+    if a.render:
+        print(render(json.loads((a.runs_dir / "results.json").read_text())), end="")
+        return
     runs = [r for r in grid(a.model_size, a.x16) if not a.only or r["name"] in a.only]
     t0 = time.perf_counter()
     with ThreadPoolExecutor(a.parallel) as pool:
