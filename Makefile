@@ -15,6 +15,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 test: $(STAMP)
+	sh scripts/install_browser.sh $(VENV)
 	$(BIN)/python -m pytest -q
 
 demo: $(STAMP)

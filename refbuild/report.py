@@ -31,7 +31,7 @@ from refbuild.io import config_dict, write_bytes, write_json
 from refbuild.library import Library
 from refbuild.progress import bar, summary
 
-MARKER = "report.json"  # written last; a non-empty --out without it is not ours to write into
+MARKER = "report.json"  # written first and last; a non-empty --out without it is not ours to write into
 TEMPLATE = Path(__file__).with_name("report_template.html")
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _MAX_SRC_PIXELS = 64_000_000  # rejects are untrusted files: refuse to decode bombs
@@ -153,7 +153,7 @@ def svg_histogram(values: list[float], title: str, xlabel: str, bins: int = 40) 
     if hi <= lo:
         lo, hi = lo - 0.5, hi + 0.5
     counts, edges = np.histogram(v, bins=bins, range=(lo, hi))
-    w, h, ml, mr, mt, mb = 560, 220, 48, 12, 10, 40
+    w, h, ml, mr, mt, mb = 560, 220, 48, 28, 10, 40
     pw, ph, peak = w - ml - mr, h - mt - mb, max(int(counts.max()), 1)
     bw = pw / bins
     parts = [f"<svg viewBox='0 0 {w} {h}' width='{w}' height='{h}' role='img' aria-label='{html.escape(title)}'>"]
@@ -260,7 +260,9 @@ def run(cfg: ReportConfig) -> dict:
         src = _inside(Path(src_root), r["src_path"]) if src_root else None
         if src is not None and src.is_file():
             thumbs[rel] = Thumb(src, rel)
-        reject_rows.append([r["src_path"], r["reason"], r["detail"] or "", rel if src is not None and src.is_file() else None])
+        ok = src is not None and src.is_file()
+        reject_rows.append([r["src_path"], r["reason"], r["detail"] or "", rel if ok else None,
+                            None if ok else "source image not found or outside its folder"])
 
     prev = {}
     if (out / MARKER).is_file():
@@ -269,13 +271,15 @@ def run(cfg: ReportConfig) -> dict:
         except (OSError, ValueError):
             prev = {}
     force = (prev.get("thumb_size"), prev.get("quality")) != (cfg.thumb_size, cfg.quality)
+    # first: a killed run leaves a folder a rerun recognises as its own, and resumes
+    write_json(out / MARKER, {**config_dict(cfg), "finished": False})
     errors = make_thumbs(sorted(thumbs.values(), key=lambda t: t.rel), out, cfg, force)
     for row in face_rows.values():
         if row[2] in errors:
             row[2] = None
     for row in reject_rows:
         if row[3] in errors:
-            row[2], row[3] = f"{row[2]} (preview: {errors[row[3]]})", None
+            row[3], row[4] = None, errors[row[3]]
     pruned = _prune(out, set(thumbs) - set(errors))
 
     if pairs is None:  # no references yet: every face is a query without references
@@ -306,6 +310,6 @@ def run(cfg: ReportConfig) -> dict:
     write_bytes(out / "index.html", page.encode("utf-8"))
     counts = {"faces": len(faces), "queries": len(queries), "rejects": len(rejects), "thumbnails": len(thumbs),
               "thumbnails_failed": len(errors), "thumbnails_pruned": pruned}
-    write_json(out / MARKER, {**config_dict(cfg), **counts})  # last: marks the folder as a finished report
+    write_json(out / MARKER, {**config_dict(cfg), **counts, "finished": True})
     summary(f"refbuild report -> {out / 'index.html'}", list(counts.items()), cfg.quiet)
     return counts
