@@ -89,12 +89,13 @@ def eval_cmd(
     batch_size: Annotated[int, typer.Option(min=1)] = 8,
     device: str = "auto",
     no_ema: Annotated[bool, typer.Option("--no-ema", help="use raw weights even if EMA weights exist")] = False,
+    report: Annotated[bool, typer.Option("--report", help="also write OUT/report/index.html: metrics, a gallery per face, the run's sample grids")] = False,
 ) -> None:
-    """PSNR/SSIM (Y crop=scale and RGB) of SR and bicubic; CSV, JSON and Markdown."""
+    """PSNR/SSIM (Y crop=scale and RGB) of SR and bicubic; CSV, JSON and Markdown (and an HTML report)."""
     from .evaluate import METRICS, evaluate
 
     where, summary = _run(evaluate, checkpoint, manifest, out_dir, refs.value, num_refs, data_root, device,
-                          batch_size, not no_ema)
+                          batch_size, not no_ema, report)
     t = Table(title=f"{summary['n']} faces, x{summary['scale']}")
     t.add_column("method")
     for k in METRICS:
@@ -103,6 +104,8 @@ def eval_cmd(
         t.add_row(m, *(f"{summary[m][k]:.4f}" for k in METRICS))
     out.print(t)
     out.print(f"written to {where}")
+    if report:
+        out.print(f"report: {where / 'report' / 'index.html'}")
 
 
 @app.command()

@@ -4,7 +4,7 @@ from __future__ import annotations
 import csv
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -31,9 +31,14 @@ def image_metrics(sr, hr, scale: int) -> dict[str, float]:
 
 @torch.no_grad()
 def evaluate_dataset(
-    model: nn.Module, ds: ManifestDataset, device: torch.device, batch_size: int = 8
+    model: nn.Module, ds: ManifestDataset, device: torch.device, batch_size: int = 8,
+    visit: Callable[..., None] | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Run the model on every row; returns (per-image rows, summary of means)."""
+    """Run the model on every row; returns (per-image rows, summary of means).
+
+    `visit(face_id, lr, bicubic, refs, sr, hr)`, when given, sees every image of
+    the pass (CPU tensors in [0, 1]; refs only the real ones), e.g. to draw a report.
+    """
     was_training = model.training
     model.eval()
     rows: list[dict[str, Any]] = []
@@ -44,6 +49,9 @@ def evaluate_dataset(
         for i in range(lr.shape[0]):
             h = tensor_to_uint8(hr[i])
             row: dict[str, Any] = {"face_id": ds.rows[int(batch["index"][i])].face_id}
+            if visit is not None:
+                visit(row["face_id"], batch["lr"][i], bic[i].clamp(0, 1), batch["refs"][i][batch["ref_mask"][i]],
+                      sr[i], hr[i])
             row.update({f"sr_{k}": v for k, v in image_metrics(tensor_to_uint8(sr[i]), h, ds.scale).items()})
             row.update({f"bicubic_{k}": v for k, v in image_metrics(tensor_to_uint8(bic[i]), h, ds.scale).items()})
             rows.append(row)
@@ -77,8 +85,12 @@ def evaluate(
     device: str = "auto",
     batch_size: int = 8,
     use_ema: bool = True,
+    report: bool = False,
 ) -> tuple[Path, dict[str, Any]]:
-    """Evaluate a checkpoint on a manifest; writes per_image.csv, summary.json, summary.md."""
+    """Evaluate a checkpoint on a manifest; writes per_image.csv, summary.json, summary.md.
+
+    report=True also writes `report/index.html` with its pictures (see model.report).
+    """
     from .train import pick_device
 
     ck = load_checkpoint(checkpoint)
@@ -86,10 +98,15 @@ def evaluate(
     model = model_from_checkpoint(ck, use_ema).to(dev)
     k = num_refs if num_refs is not None else ck.meta.get("config", {}).get("num_refs", 4)
     ds = ManifestDataset(manifest, model.scale, k, refs, data_root)
-    rows, summary = evaluate_dataset(model, ds, dev, batch_size)
-    summary.update({"checkpoint": str(checkpoint), "manifest": str(manifest), "model": ck.meta["model"]})
     out_dir = out_dir or Path(checkpoint).parent / f"eval-{Path(manifest).stem}-{refs}{k}"
     out_dir.mkdir(parents=True, exist_ok=True)
+    pages = None
+    if report:
+        from .report import EvalReport
+
+        pages = EvalReport(out_dir / "report", ds)
+    rows, summary = evaluate_dataset(model, ds, dev, batch_size, visit=pages.add if pages else None)
+    summary.update({"checkpoint": str(checkpoint), "manifest": str(manifest), "model": ck.meta["model"]})
     tmp = out_dir / "per_image.csv.tmp"
     with open(tmp, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=list(rows[0]))
@@ -98,4 +115,6 @@ def evaluate(
     os.replace(tmp, out_dir / "per_image.csv")
     write_json_atomic(out_dir / "summary.json", summary)
     (out_dir / "summary.md").write_text(summary_markdown(summary, f"{ck.meta['model']} on {manifest}"))
+    if pages is not None:
+        pages.write(rows, summary, Path(checkpoint).parent)
     return out_dir, summary
