@@ -112,7 +112,7 @@ class EvalReport:
 
     def write(self, rows: list[dict[str, Any]], summary: dict[str, Any], run_dir: Path) -> Path:
         """Write index.html next to the tiles and move the folder into place; returns index.html."""
-        from refbuild.report import BASE_CSS, svg_histogram  # the library report's look and chart
+        from refbuild.report import BASE_CSS, BASE_JS, svg_histogram  # the library report's look and chart
 
         faces = []
         for r in rows:
@@ -135,7 +135,8 @@ class EvalReport:
                 .replace("{{CHARTS}}", svg_histogram(gains, "PSNR-Y gain per face", "SR minus bicubic, dB"))
                 .replace("{{SAMPLES}}", _samples_html(samples, run_dir))
                 .replace("{{DATA}}", _blob(data))
-                .replace("{{BASE_CSS}}", BASE_CSS.read_text(encoding="utf-8")))  # the look of refbuild's report
+                .replace("{{BASE_CSS}}", BASE_CSS.read_text(encoding="utf-8"))
+                .replace("{{BASE_JS}}", BASE_JS.read_text(encoding="utf-8")))  # the look of refbuild's report
         (self.stage / "index.html").write_text(page, encoding="utf-8")
         old = self.out.with_name(self.out.name + ".old")
         if old.exists():

@@ -129,6 +129,7 @@ def process_shard(rels: list[str], cfg: DetectConfig, labels: dict[str, str], de
     """The work: decode, detect, crop and record one shard of images. Never raises
     for a bad image; it becomes a row of the rejects table."""
     lib = Library(cfg.out)
+    key = crop_key(cfg)
     faces: list[dict] = []
     rejects: list[dict] = []
     decoded: list[tuple[str, Decoded]] = []
@@ -170,7 +171,7 @@ def process_shard(rels: list[str], cfg: DetectConfig, labels: dict[str, str], de
             kept = [(res.boxes[i], float(res.probs[i]), res.landmarks[i]) for i in (big if cfg.all_faces else big[:1])]
         for k, (box, prob, lm) in enumerate(kept):
             fid = face_id(rel, k)
-            crop_rel = _crop_rel(fid, cfg.crop_format, crop_key(cfg))
+            crop_rel = _crop_rel(fid, cfg.crop_format, key)
             sq = tuple(int(v) for v in box) if cfg.aligned else square_box(box, cfg.margin)
             write_bytes(lib.root / crop_rel, encode_crop(dec.image, sq, cfg.crop_size, cfg.crop_format))
             faces.append({
@@ -182,8 +183,8 @@ def process_shard(rels: list[str], cfg: DetectConfig, labels: dict[str, str], de
     return (pa.Table.from_pylist(faces, schema=FACES), pa.Table.from_pylist(rejects, schema=REJECTS))
 
 
-def plan(cfg: DetectConfig) -> tuple[list[str], list[dict]]:
-    """The sorted list of images to process, plus rejects known before any decoding."""
+def plan(cfg: DetectConfig) -> tuple[list[str], list[dict], dict[str, str]]:
+    """The sorted list of images to process, the rejects known before any decoding, and the labels."""
     if not cfg.src.is_dir():
         raise RefbuildError(f"{cfg.src}: source folder not found")
     rels, outside = list_images(cfg.src)
@@ -204,7 +205,7 @@ def plan(cfg: DetectConfig) -> tuple[list[str], list[dict]]:
         pre += [{"src_path": r, "src_sha256": None, "reason": "missing_file", "detail": f"{r}: in {cfg.labels.name} but not in {cfg.src}"} for r in sorted(set(labels) - present)]
     if not rels:
         raise RefbuildError(f"{cfg.src}: no image files (.jpg .jpeg .png .webp .bmp .tif); point SRC at a folder of photos")
-    return rels, pre
+    return rels, pre, labels
 
 
 class DetectWorker:
@@ -232,8 +233,7 @@ def run(cfg: DetectConfig, runner: Runner | None = None) -> dict:
     """Run the detect stage (resumable). Returns summary counts."""
     if cfg.out.resolve().is_relative_to(cfg.src.resolve()):
         raise RefbuildError(f"{cfg.out}: the library must not be inside the source folder {cfg.src}")
-    rels, pre_rejects = plan(cfg)
-    labels = read_labels(cfg)
+    rels, pre_rejects, labels = plan(cfg)
     lib = Library(cfg.out)
     with library_lock(lib.root, "detect"):
         wdir = shards.work_dir(lib.root, "detect")

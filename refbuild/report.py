@@ -34,6 +34,7 @@ from refbuild.progress import bar, summary
 MARKER = "report.json"  # written first and last; a non-empty --out without it is not ours to write into
 TEMPLATE = Path(__file__).with_name("report_template.html")
 BASE_CSS = Path(__file__).with_name("report_base.css")  # shared with model/report_template.html
+BASE_JS = Path(__file__).with_name("report_base.js")  # el() and the gallery pager, shared likewise
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _MAX_SRC_PIXELS = 64_000_000  # rejects are untrusted files: refuse to decode bombs
 
@@ -308,7 +309,8 @@ def run(cfg: ReportConfig) -> dict:
             .replace("{{SUMMARY}}", _summary_html(lib, faces, split_of, rejects, pairs_meta, len(pairs or [])))
             .replace("{{CHARTS}}", charts)
             .replace("{{DATA}}", _blob(data))
-            .replace("{{BASE_CSS}}", BASE_CSS.read_text(encoding="utf-8")))
+            .replace("{{BASE_CSS}}", BASE_CSS.read_text(encoding="utf-8"))
+            .replace("{{BASE_JS}}", BASE_JS.read_text(encoding="utf-8")))
     write_bytes(out / "index.html", page.encode("utf-8"))
     counts = {"faces": len(faces), "queries": len(queries), "rejects": len(rejects), "thumbnails": len(thumbs),
               "thumbnails_failed": len(errors), "thumbnails_pruned": pruned}

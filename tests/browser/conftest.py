@@ -93,6 +93,30 @@ def browser():
             b.close()
 
 
+@pytest.fixture()
+def open_page(browser):
+    """open_page(html) -> a page on that file whose `problems` list collects console errors and
+    warnings, page errors, failed requests and any request that leaves file://."""
+    contexts = []
+
+    def _open(html: Path):
+        ctx = browser.new_context(viewport={"width": 1400, "height": 900})
+        contexts.append(ctx)
+        pg = ctx.new_page()
+        problems: list[str] = []
+        pg.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type in ("error", "warning") else None)
+        pg.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+        pg.on("requestfailed", lambda r: problems.append(f"failed: {r.url}"))
+        pg.on("request", lambda r: problems.append(f"left the folder: {r.url}") if not r.url.startswith("file://") else None)
+        pg.goto(html.as_uri())
+        pg.problems = problems
+        return pg
+
+    yield _open
+    for ctx in contexts:
+        ctx.close()
+
+
 @pytest.fixture(scope="session")
 def cli():
     """`cli(*args, ok=True)`: run refbuild in-process (see `invoke`)."""

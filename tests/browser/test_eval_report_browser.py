@@ -89,18 +89,8 @@ def test_metrics_table_holds_the_summary(run):
 # ---- the page in headless Chromium ---------------------------------------------------------------------------------
 
 @pytest.fixture()
-def page(browser, run):
-    ctx = browser.new_context(viewport={"width": 1400, "height": 900})
-    pg = ctx.new_page()
-    problems: list[str] = []
-    pg.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type in ("error", "warning") else None)
-    pg.on("pageerror", lambda e: problems.append(f"page error: {e}"))
-    pg.on("requestfailed", lambda r: problems.append(f"failed: {r.url}"))
-    pg.on("request", lambda r: problems.append(f"left the folder: {r.url}") if not r.url.startswith("file://") else None)
-    pg.goto((run.report / "index.html").as_uri())
-    pg.problems = problems
-    yield pg
-    ctx.close()
+def page(open_page, run):
+    return open_page(run.report / "index.html")
 
 
 def _cards(pg) -> list[tuple[str, float]]:

@@ -100,18 +100,8 @@ def test_refuses_a_foreign_folder_and_a_missing_library(built, cli, tmp_path):
 # ---- the page in headless Chromium ---------------------------------------------------------------------------------
 
 @pytest.fixture()
-def page(browser, built):
-    ctx = browser.new_context(viewport={"width": 1400, "height": 900})
-    pg = ctx.new_page()
-    problems: list[str] = []
-    pg.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type in ("error", "warning") else None)
-    pg.on("pageerror", lambda e: problems.append(f"page error: {e}"))
-    pg.on("requestfailed", lambda r: problems.append(f"failed: {r.url}"))
-    pg.on("request", lambda r: problems.append(f"left the folder: {r.url}") if not r.url.startswith("file://") else None)
-    pg.goto((built.report / "index.html").as_uri())
-    pg.problems = problems
-    yield pg
-    ctx.close()
+def page(open_page, built):
+    return open_page(built.report / "index.html")
 
 
 def _cards(pg) -> list[str]:
