@@ -1,6 +1,6 @@
 """matching (EM, Eq. 4): model.matching's exact and coarse-to-fine searches vs the
 simplest full correlation (unfold + one matmul + argmax), over feature-map size and
-number of references; checks that the path the model ships is never the slower one."""
+number of references; checks that the path the model ships is never slower than the alternatives."""
 from __future__ import annotations
 
 import statistics
@@ -12,9 +12,17 @@ import torch.nn.functional as F
 from benchmarks.common import Stage, peak_mb, reset_peak, torch_profile
 
 C = 64  # paper width (msrnet_x8 / x16)
-GRID = {"quick": ((16, (1, 3)), (32, (1, 3))), "default": ((16, (1, 3, 5)), (32, (1, 3, 5)), (64, (1, 2, 3, 5))),
+GRID = {"quick": ((16, (1, 3)), (32, (1, 3))), "default": ((16, (1, 3, 5)), (32, (1, 3, 5)), (48, (1, 2, 3)), (64, (1, 2, 3, 5))),
         "full": ((16, (1, 2, 3, 4, 5)), (32, (1, 2, 3, 4, 5)), (64, (1, 2, 3, 4, 5)))}
-MAX_EXACT = 2**24  # MSRNet's default max_exact_match
+
+
+def max_exact() -> int:
+    """MSRNet's default max_exact_match: the size above which match_patches goes coarse-to-fine."""
+    import inspect
+
+    from model.msrnet import MSRNet
+
+    return inspect.signature(MSRNet.__init__).parameters["max_exact_match"].default
 
 
 def naive(lr: torch.Tensor, refs: torch.Tensor) -> torch.Tensor:
@@ -52,6 +60,7 @@ def run(mode: str, repeats: int) -> Stage:
                "model.matching exact_match (chunked bmm) / coarse_to_fine_match, whichever match_patches ships at that size",
                "the shipped path is never the slower of exact / coarse-to-fine; cost and memory vs size and m")
     torch.manual_seed(0)
+    limit = max_exact()
     same, shipped_ok, head = True, True, None
     with torch.no_grad():
         for size, ms in GRID[mode]:
@@ -73,8 +82,8 @@ def run(mode: str, repeats: int) -> Stage:
                         secs[k].append(time.perf_counter() - t0)
                         peaks[k] = max(peaks[k], peak_mb())
                 med = {k: statistics.median(v) for k, v in secs.items()}
-                shipped = "exact" if size * size * m * size * size <= MAX_EXACT else "coarse_to_fine"
-                other = "coarse_to_fine" if shipped == "exact" else "exact"
+                shipped = "exact" if size * size * m * size * size <= limit else "coarse_to_fine"
+                other = min((k for k in secs if k != shipped), key=lambda k: min(secs[k]))  # the fastest alternative
                 agree = float((outs["exact"] == outs["naive"]).float().mean())
                 c2f_agree = float((outs["coarse_to_fine"] == outs["exact"]).float().mean())
                 best = {k: min(v) for k, v in secs.items()}  # min: the least disturbed by other jobs
@@ -102,10 +111,11 @@ def run(mode: str, repeats: int) -> Stage:
     st.baseline_timing = {"median_s": p["naive_median_s"], "spread_pct": p["naive_spread_pct"], "repeats": p["repeats"],
                           "peak_rss_mb": p["naive_peak_rss_mb"], "at": f"size {p['size']}, m {p['m']}"}
     st.notes += [f"C={C} (paper width), B=1, random features; refs = the LR map + noise so matches are meaningful",
-                 f"shipped = exact while h*w*m*Hr*Wr <= 2^24 (MSRNet max_exact_match), else coarse-to-fine (block 8, radius 4)",
+                 f"shipped = exact while h*w*m*Hr*Wr <= 2^{limit.bit_length() - 1} (MSRNet max_exact_match), else coarse-to-fine (block 8, radius 4)",
                  "same answer = exact_match indices equal to the naive argmax (>= 99.9% of positions; ties under rounding)",
                  "coarse-to-fine is approximate by design: its agreement with exact is reported, not required",
-                 "'slower' compares the fastest repeat of each path, with a 10% + 2 ms margin for noise"]
+                 "'slower' compares the fastest repeat of the shipped path with the fastest of the other two (naive included), "
+                 "with a 10% + 2 ms margin for noise: exact_match is the naive product chunked to bound memory, so the two tie"]
     lr = torch.randn(1, C, 32, 32)
     refs = torch.randn(1, 3, C, 32, 32)
     st.profile = torch_profile(paths(lr, refs)["exact"])

@@ -132,7 +132,7 @@ def match_patches(
     ref_feat: torch.Tensor,
     ref_mask: torch.Tensor | None = None,
     patch: int = 3,
-    max_exact: int = 2**24,
+    max_exact: int = 2**23,
     block: int = 8,
     radius: int = 4,
 ) -> tuple[torch.Tensor, torch.Tensor]:

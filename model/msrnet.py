@@ -230,7 +230,7 @@ class MSRNet(nn.Module):
         window_size: int = 8,
         use_swin: bool = True,
         attn_dim: int = 32,
-        max_exact_match: int = 2**24,
+        max_exact_match: int = 2**23,
         match_block: int = 8,
         match_radius: int = 4,
     ):

@@ -48,6 +48,7 @@ class EmbedConfig:
     shard_size: int = 1024
     batch_size: int = 32
     device: str = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     workers: int = 0  # processes (local engine) or actors (ray engine); 0: one per core on CPU
     engine: str = "local"
     quiet: bool = False
@@ -93,12 +94,17 @@ def layer_slices(backbone: Backbone, grid: int, device: torch.device) -> list[tu
     return [(int(a), int(b)) for a, b in zip(starts[:-1], starts[1:])]
 
 
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """auto: bf16 on CUDA (its tensor cores), fp32 on CPU (exact; bf16 there is opt-in)."""
+    return ("bf16" if device.type == "cuda" else "fp32") if precision == "auto" else precision
+
+
 def process_shard(face_ids: list[str], paths: list[Path], cfg: EmbedConfig, backbone: Backbone, grid: int,
                   view: str, device: torch.device, pool: ThreadPoolExecutor, dim: int) -> pa.Table:
     out = []
     for s in range(0, len(paths), cfg.batch_size):
         x = load_crops(paths[s : s + cfg.batch_size], view, cfg.lr_scale, pool).to(device)
-        out.append(describe(backbone.maps(x, amp=True), grid, cfg.layer_norm).cpu().numpy().astype(np.float32))
+        out.append(describe(backbone.maps(x, resolve_precision(cfg.precision, device)), grid, cfg.layer_norm).cpu().numpy().astype(np.float32))
     flat = np.concatenate(out).reshape(-1) if out else np.zeros(0, np.float32)
     col = pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float32()), dim)
     return pa.Table.from_arrays([pa.array(face_ids, pa.string()), col], schema=features_schema(dim))
@@ -146,8 +152,9 @@ def run(cfg: EmbedConfig, runner: Runner | None = None) -> dict:
         "backbone": backbone.name, "weights_id": backbone.weights_id, "note": backbone.note,
         "layers": json.dumps(backbone.layer_names), "slices": json.dumps(slices), "grid": str(grid),
         "layer_norm": cfg.layer_norm, "lr_scale": str(cfg.lr_scale), "dim": str(dim),
+        "precision": resolve_precision(cfg.precision, device),
     }
-    stats: dict = {"faces": len(ids), "dim": dim, "backbone": backbone.name, "weights": backbone.note}
+    stats: dict = {"faces": len(ids), "dim": dim, "backbone": backbone.name, "weights": backbone.note, "precision": meta["precision"]}
     t0 = time.perf_counter()
     processed = 0
     runner = runner or make_runner(cfg.engine, resolve_workers(cfg.workers, cfg.device, cfg.backbone != "pixels"))

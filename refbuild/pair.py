@@ -1,8 +1,9 @@
 """Stage 4, `refbuild pair LIB -m 4`: top-m non-identity references (Eqs. 2-3).
 
 D(Q, R) = sum_l |F_Q^l - F_R^l|_1 over the layers embed stored, searched
-exactly with a FAISS flat METRIC_L1 index (IndexFlat; on GPU when faiss-gpu and
-CUDA are there). Per-layer weights w_l scale each slice, so the weighted sum of
+exactly by `refbuild.knn.L1Index`: on CPU a blocked numba L1 kernel
+(`refbuild.l1kernel`), on GPU FAISS's flat METRIC_L1 index when faiss-gpu and
+CUDA are there. Per-layer weights w_l scale each slice, so the weighted sum of
 per-layer L1 distances is one L1 distance over the scaled concatenation.
 
 Exclusions are per query (same identity group, same identity label, same photo
@@ -43,7 +44,7 @@ class PairConfig:
     name: str | None = None  # manifest name; default: the library folder's name
     manifest_dir: Path = Path("data_manifests")
     query_chunk: int = 2048
-    pool_chunk: int = 0  # pool rows per FAISS index (0: one index); bounds index memory
+    pool_chunk: int = 0  # pool rows searched at a time, top-k lists merged (0: all at once); bounds GPU memory
     device: str = "auto"
     quiet: bool = False
     overwrite: bool = False
@@ -226,7 +227,7 @@ def run(cfg: PairConfig) -> dict:
         raise RefbuildError(f"{lib.root}: no query has {cfg.m} valid references in a pool of {len(pool_rows)} faces; "
                             "lower -m or add faces of more identities")
     stats = {"queries": pairs.num_rows, "pool_faces": len(pool_rows), "m": cfg.m, "k_searched": k0,
-             "short_of_m (left out of manifests)": short, "index": ("faiss GPU flat L1" if gpu else "faiss CPU flat L1") + (f", pool chunks of {cfg.pool_chunk}" if cfg.pool_chunk else ""),
+             "short_of_m (left out of manifests)": short, "index": ("faiss GPU flat L1" if gpu else "exact CPU L1 (refbuild.l1kernel)") + (f", pool chunks of {cfg.pool_chunk}" if cfg.pool_chunk else ""),
              "seconds": round(elapsed, 1), "queries_per_s": round(pairs.num_rows / elapsed, 1) if elapsed > 0 else None,
              "features": pool_side.meta.get("note", "")}
     for split, path in manifests.items():

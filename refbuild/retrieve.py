@@ -51,7 +51,7 @@ def retrieve(lib_root: Path, faces: list[Image.Image], m: int = 4, weights: str 
     rows = np.array([i for i, s in enumerate(side.split) if pool == "all" or s == "train"] or range(len(side.split)))
     size = 256
     x = torch.from_numpy(np.stack([np.asarray(f.convert("RGB").resize((size, size), Image.BICUBIC)) for f in faces]))
-    q = describe(backbone.maps(x.permute(0, 3, 1, 2).to(dev)), int(meta["grid"]), meta["layer_norm"]).cpu().numpy()
+    q = describe(backbone.maps(x.permute(0, 3, 1, 2).to(dev), meta.get("precision", "fp32")), int(meta["grid"]), meta["layer_norm"]).cpu().numpy()
     dist, idx = L1Index(side.feats[rows], device).search(q, m)
     return [[Reference(side.face_ids[rows[j]], lib.safe_path(side.crop[rows[j]]), side.identity[rows[j]], float(d))
              for d, j in zip(dist[r], idx[r]) if j >= 0] for r in range(len(faces))]

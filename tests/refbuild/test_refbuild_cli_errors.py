@@ -163,3 +163,21 @@ def test_vggface_fake_weights_load_and_embed(small_lib, tmp_path):
     assert np.isfinite(v).all() and not np.allclose(v[0], v[1])
     for a, b in ((0, 512), (512, 2560), (2560, 4608)):  # l2 per layer
         assert np.allclose(np.linalg.norm(v[:, a:b], axis=1), 1.0, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_embed_precision_bf16_is_recorded_and_close_to_fp32(small_lib, tmp_path):
+    """--precision bf16 on CPU: features within a few % of fp32, the precision in the metadata."""
+    import numpy as np
+
+    w = _fake_vgg_face_dag(tmp_path / "vgg_face_dag.pth")
+    feats = {}
+    for prec in ("fp32", "bf16"):
+        invoke("embed", small_lib, "--weights", w, "--precision", prec, "--device", "cpu", "--batch-size", 2, "--overwrite", "-q",
+               env=NO_ENV_WEIGHTS)
+        assert pq.read_schema(small_lib / "features.parquet").metadata[b"precision"] == prec.encode()
+        feats[prec] = np.array(pq.read_table(small_lib / "features.parquet").column("features").to_pylist(), np.float32)
+    diff = np.abs(feats["bf16"] - feats["fp32"]).max()
+    assert 0 < diff < 0.05 * np.abs(feats["fp32"]).max()  # bf16 really ran, and stayed close
+    res = invoke("embed", small_lib, "--weights", w, "--precision", "fp16", ok=False, env=NO_ENV_WEIGHTS)
+    assert res.exit_code == 2 and "--precision is auto, fp32 or bf16" in res.output  # a usage error
