@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
     size = ap.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="tiny sizes (< 2 minutes); not figures to quote")
-    size.add_argument("--full", action="store_true", help="large sizes, 30k x 30k pair timed in full (no extrapolation)")
+    size.add_argument("--full", action="store_true", help="larger sizes than the default (more images, more repeats)")
     ap.add_argument("--only", default="", help=f"comma-separated stages, of {','.join(STAGES)}")
     ap.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results)")
     ap.add_argument("--md", type=Path, default=None, help="BENCHMARKS.md path (default: repo root, or <out>/ with --out)")

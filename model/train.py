@@ -22,6 +22,13 @@ from .registry import create_model
 from .runlog import MetricsLogger, sample_grid, save_png_atomic, write_json_atomic
 
 
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """auto: bf16 autocast on CUDA (its tensor cores), fp32 on CPU (bf16 there is opt-in)."""
+    if precision not in ("auto", "fp32", "bf16"):
+        raise MsrError(f"--precision {precision!r}: choose auto, fp32 or bf16")
+    return ("bf16" if device.type == "cuda" else "fp32") if precision == "auto" else precision
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything a run depends on; written to `<runs_dir>/<name>/config.json`."""
@@ -52,6 +59,7 @@ class TrainConfig:
     ckpt_every: int = 500
     sample_every: int = 500
     device: str = "auto"
+    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; or fp32 / bf16 (~1.3x on AVX512-BF16 CPUs)
     resume: bool = False
     stop_after: int | None = None  # stop (and checkpoint) at this step; the schedule still spans `steps`
     progress: bool = True
@@ -125,9 +133,10 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, device: torch.device) -
         raise MsrError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --name")
     if cfg.resume and not last.exists():
         raise MsrError(f"{last}: nothing to resume; drop --resume to start a new run")
+    precision = resolve_precision(cfg.precision, device)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model_kwargs = {} if cfg.use_swin else {"use_swin": False}
-    model = create_model(cfg.model, **model_kwargs).to(device)
+    model = create_model(cfg.model, **model_kwargs).to(device, memory_format=torch.channels_last)  # faster convs, CPU too
     ds = ManifestDataset(cfg.manifest, model.scale, cfg.num_refs, cfg.refs, cfg.data_root, cfg.flip, cfg.seed)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     ema = Ema(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
@@ -160,7 +169,7 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, device: torch.device) -
         write_json_atomic(run_dir / "config.json", {**cfg.to_json(), "model_kwargs": model_kwargs,
                                                     "scale": model.scale, "world_size": info.world_size})
         logger = MetricsLogger(run_dir, ["step", "loss", "lr", "samples_per_s", "val_psnr_y"])
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
     def checkpoint(kind: str, score: float) -> None:
         meta = {"model": cfg.model, "model_kwargs": model_kwargs, "step": step, "best": best,

@@ -42,6 +42,20 @@ def test_resume_is_exact(synthetic_manifest, tmp_path):
     assert params and all(torch.equal(a[k], b[k]) for k in params), [k for k in params if not torch.equal(a[k], b[k])]
 
 
+def test_bf16_on_cpu_trains_close_to_fp32_and_bad_precision_is_refused(synthetic_manifest, tmp_path):
+    from model.errors import MsrError
+
+    runs = {p: train(_cfg(synthetic_manifest, tmp_path, name=p, steps=2, num_refs=1, ema_decay=0.0, precision=p))
+            for p in ("fp32", "bf16")}
+    assert json.loads((runs["bf16"] / "config.json").read_text())["precision"] == "bf16"
+    loss = {p: [float(r.split(",")[1]) for r in (run / "metrics.csv").read_text().splitlines()[1:] if r.split(",")[1]]
+            for p, run in runs.items()}
+    assert loss["fp32"] != loss["bf16"]  # autocast really ran
+    assert abs(loss["fp32"][0] - loss["bf16"][0]) <= 0.05 * loss["fp32"][0]
+    with pytest.raises(MsrError, match="--precision 'fp16'"):
+        train(_cfg(synthetic_manifest, tmp_path, name="bad", precision="fp16"))
+
+
 @pytest.mark.slow
 @pytest.mark.realdata
 def test_short_training_on_real_faces_beats_bicubic(real_manifest, tmp_path):
