@@ -94,12 +94,14 @@ def run(mode: str, repeats: int) -> Stage:
 
     from refbuild.backbones import build_backbone
 
+    from pipelines.runners import start_method
+
     workers = os.cpu_count() or 1
     st = Stage("embed", f"per-image VGG-16 forward, batch 1, NCHW fp32, torch default threads ({torch.get_num_threads()})",
                f"refbuild EmbedWorker via LocalRunner, {workers} workers x 1 torch thread, batch 32, channels_last, fp32 "
-               "(the CPU default; spawn + model build included)",
+               "(the CPU default; worker start + model build included)",
                ">= 2x on CPU, features allclose",
-               isolation="one process; ours spawns worker processes (their peak RSS reported apart)")
+               isolation="one process; ours starts worker processes (their peak RSS reported apart)")
     paths = pick_crops(SIZES[mode])
     backbone = build_backbone("vggface", "random")
     dim = 4608
@@ -134,7 +136,7 @@ def run(mode: str, repeats: int) -> Stage:
         f"baseline time split: decode {100 * split['decode'] / (split['decode'] + split['model']):.1f}%, "
         f"model (resize + VGG + pool) {100 * split['model'] / (split['decode'] + split['model']):.1f}% "
         f"({1000 * split['model'] / (n_calls * len(paths)):.0f} ms/face)",
-        f"fixed cost of our path (spawn {workers} workers, import torch, build VGG-16; timed on empty shards): {startup:.1f} s; "
+        f"fixed cost of our path (start {workers} workers ({start_method()}), build VGG-16; timed on empty shards): {startup:.1f} s; "
         f"steady-state ratio without it: {t_b.median / max(t_o.median - startup, 1e-9):.2f}x (indicative)",
     ]
     torch.set_num_threads(1)

@@ -5,7 +5,7 @@ process, repeats interleaved (ours, baseline, ours, ...) so that load from other
 jobs hits both alike; the ratio of medians is the figure to read, not seconds.
 Peak memory is the process's resident high-water mark (VmHWM) reset before each
 path (`/proc/self/clear_refs`), plus the largest worker process's peak where a
-path spawns workers (`RUSAGE_CHILDREN`).
+path starts workers (`RUSAGE_CHILDREN`).
 """
 from __future__ import annotations
 

@@ -2,7 +2,10 @@
 
 facenet-pytorch's `MTCNN.detect` needs one image size per batch, raises on a
 batch where some image has no face, and can attach probabilities/landmarks to
-the wrong box. We call its lower-level `detect_face` instead. Each image is
+the wrong box. We run its lower-level cascade (`detect_face`) instead, as
+re-implemented in refbuild/mtcnn.py: same weights and arithmetic, bit-identical
+boxes, without its slow NCHW ceil-mode max-pool and without importing
+facenet-pytorch/torchvision (see that module's docstring). Each image is
 shrunk so its long side is at most `detect_size`; images that share a size (and
 pyramid start) are batched. With `letterbox` (the default on CUDA, where big
 batches pay) images are also padded bottom/right with black to a canvas rounded
@@ -71,10 +74,10 @@ class Detector:
         factor: float = 0.709,
         letterbox: bool | None = None,
     ):
-        from facenet_pytorch.models.mtcnn import ONet, PNet, RNet  # weights ship in the package
+        from refbuild.mtcnn import load_nets  # facenet-pytorch's weights, without importing it (torchvision: ~2 s)
 
         self.device = torch.device(resolve_device(device))
-        self.pnet, self.rnet, self.onet = (net().to(self.device).eval() for net in (PNet, RNet, ONet))
+        self.pnet, self.rnet, self.onet = load_nets(self.device)
         self.detect_size = detect_size
         self.min_face = min_face
         self.min_face_det = min_face_det
@@ -89,17 +92,10 @@ class Detector:
         return max(self.min_face_det, int(self.min_face * self._scale(size)) // 4 * 4)
 
     def _run(self, canvases: np.ndarray, minsize: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        from facenet_pytorch.models.utils.detect_face import detect_face
+        from refbuild.mtcnn import detect_faces
 
-        with torch.inference_mode():
-            boxes, points = detect_face(
-                torch.from_numpy(canvases), minsize, self.pnet, self.rnet, self.onet,
-                self.thresholds, self.factor, self.device,
-            )
-        # object arrays whose shape depends on whether counts agree: normalise to lists
-        out_b = [np.asarray(boxes[i], dtype=np.float32).reshape(-1, 5) for i in range(len(canvases))]
-        out_p = [np.asarray(points[i], dtype=np.float32).reshape(-1, 5, 2) for i in range(len(canvases))]
-        return out_b, out_p
+        return detect_faces(torch.from_numpy(canvases).to(self.device), minsize, (self.pnet, self.rnet, self.onet),
+                            tuple(self.thresholds), self.factor)
 
     def detect(self, images: list[Image.Image], batch_size: int = 8) -> list[Faces | Exception]:
         """Detect faces in RGB images. One result per image: `Faces`, or the exception
@@ -139,9 +135,10 @@ class Detector:
     def _to_source(self, out: tuple[np.ndarray, np.ndarray], size: tuple[int, int], shape: tuple[int, ...]) -> Faces:
         b, p = out
         h, w = shape[:2]
-        cx, cy = (b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2
-        keep = (cx < w) & (cy < h)  # a face centred in the padding is not in the image
-        b, p = b[keep], p[keep]
+        if self.letterbox:  # a face centred in the padding is not in the image; without padding keep
+            cx, cy = (b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2  # what MTCNN found, even centred past the edge
+            keep = (cx < w) & (cy < h)
+            b, p = b[keep], p[keep]
         order = np.argsort(-b[:, 4], kind="stable")
         b, p = b[order], p[order]
         sx, sy = size[0] / w, size[1] / h
