@@ -132,7 +132,7 @@ def match_patches(
     ref_feat: torch.Tensor,
     ref_mask: torch.Tensor | None = None,
     patch: int = 3,
-    max_exact: int = 2**23,
+    max_exact: int = 32 * 32,
     block: int = 8,
     radius: int = 4,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,7 +142,10 @@ def match_patches(
         lr_feat: B, C, h, w (s=4 LR features).
         ref_feat: B, M, C, Hr, Wr (s=4 reference features), M >= 1.
         ref_mask: B, M bool, False for padded (absent) references; None = all present.
-        max_exact: full search while h*w*M*Hr*Wr <= this, else coarse-to-fine.
+        max_exact: full search while a reference map has at most this many positions (Hr*Wr),
+            else coarse-to-fine. Per LR position exact scores M*Hr*Wr pairs and coarse-to-fine about
+            M*(Hr*Wr/block^2 + (block+2*radius)^2) at a higher cost per pair (gathers), so which is
+            faster depends on Hr*Wr alone (measured crossover between 32x32 and 48x48, BENCHMARKS.md).
     Returns:
         index: B, h, w int64 into the M*Hr*Wr concatenated positions (m*Hr*Wr + j).
         score: B, 1, h, w cosine similarity of the chosen match (differentiable;
@@ -153,7 +156,7 @@ def match_patches(
     q = normalized_patches(lr_feat, patch)  # B, h*w, D
     keys = normalized_patches(ref_feat.reshape(B * M, C, Hr, Wr), patch)  # B*M, Hr*Wr, D
     keys = keys.reshape(B, M, Hr * Wr, -1)  # B, M, Nr, D
-    if h * w * M * Hr * Wr <= max_exact:
+    if Hr * Wr <= max_exact:
         idx = exact_match(q, keys, ref_mask)
     else:
         idx = coarse_to_fine_match(q, keys, (h, w), (Hr, Wr), ref_mask, block, radius)

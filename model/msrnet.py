@@ -212,8 +212,8 @@ class MSRNet(nn.Module):
         window_size: Swin window side.
         use_swin: False replaces the GFE by one 3x3 conv (Table 3 "no_sw").
         attn_dim: embedding channels of phi in Eq. 8.
-        max_exact_match: correlation-volume size (h*w*m*Hr*Wr) up to which the
-            s=4 matching is an exact full search; above it, coarse-to-fine.
+        max_exact_match: reference-map positions (Hr*Wr) up to which the s=4
+            matching is an exact full search; above it, coarse-to-fine.
         match_block: LR block side of the coarse-to-fine search.
         match_radius: search margin of the coarse-to-fine search.
     """
@@ -230,7 +230,7 @@ class MSRNet(nn.Module):
         window_size: int = 8,
         use_swin: bool = True,
         attn_dim: int = 32,
-        max_exact_match: int = 2**23,
+        max_exact_match: int = 32 * 32,
         match_block: int = 8,
         match_radius: int = 4,
     ):
