@@ -20,7 +20,10 @@ TILE_Q, TILE_P = 32, 128  # rows of queries / pool per parallel task
 OUT_BUDGET = 256 << 20  # bytes of distances held per query chunk in `topk`
 
 
-@njit(parallel=True, fastmath=True, cache=True)
+# cache=False on purpose: code loaded from numba's on-disk cache summed in another order than the
+# freshly compiled code (seen: different last bits), which broke byte-identical resume between a
+# first run and a rerun. Compiling in every process costs ~1 s and gives the same bits every time.
+@njit(parallel=True, fastmath=True, cache=False)
 def _l1_into(q, p, out):  # q: n, D; p: N, D; out: n, N (float32, C-contiguous)
     n, dim = q.shape
     npool = p.shape[0]
