@@ -8,7 +8,7 @@ one pass over the dimensions: each loaded value serves four absolute differences
 held in 16 register accumulators, and tasks of 32 queries x 128 pool rows keep
 the pool block in cache. LLVM vectorises the dimension loop (fastmath lets it
 reorder the sums, like FAISS's SIMD loop does). Measured on the 2-core dev box:
-about 5e10 dimension-ops/s, ~7x FAISS, with the same top-k up to float ties
+4-5e10 dimension-ops/s, 5-7x FAISS, with the same top-k up to float ties
 (`make bench`, pair row). The answer is exact; only the summation order differs.
 """
 from __future__ import annotations
