@@ -89,26 +89,34 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     return time.perf_counter() - t0, out
 
 
-def side_by_side(ours: Callable[[], Any], base: Callable[[], Any], repeats: int, warmup: int = 1,
-                 children: bool = False) -> tuple[Timing, Timing, Any, Any]:
-    """Warm up both, then time `repeats` interleaved rounds. Returns timings and each path's last answer."""
-    t_o, t_b = Timing(), Timing()
-    a_o = a_b = None
+def interleaved(paths: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1,
+                children: tuple[str, ...] = ()) -> dict[str, tuple[Timing, Any]]:
+    """Warm up every path, then time `repeats` rounds, each path once per round, the order
+    reversed every other round so that load from other jobs hits all alike.
+    Returns each path's timing and last answer. `children`: the paths that start worker processes
+    (their largest worker peak is recorded)."""
+    timings = {k: Timing() for k in paths}
+    answers = {k: None for k in paths}
     for _ in range(warmup):
-        a_o, a_b = ours(), base()
+        answers = {k: fn() for k, fn in paths.items()}
+    order = list(paths)
     for r in range(repeats):
-        for fn, t in ((ours, t_o), (base, t_b)) if r % 2 == 0 else ((base, t_b), (ours, t_o)):
+        for k in (order if r % 2 == 0 else order[::-1]):
             reset_peak()
-            s, a = timed(fn)
+            s, answers[k] = timed(paths[k])
+            t = timings[k]
             t.seconds.append(s)
             t.peak_mb = max(t.peak_mb, peak_mb())
-            if fn is ours:
-                a_o = a
-                if children:
-                    t.child_peak_mb = child_peak_mb()
-            else:
-                a_b = a
-    return t_o, t_b, a_o, a_b
+            if k in children:
+                t.child_peak_mb = child_peak_mb()
+    return {k: (timings[k], answers[k]) for k in paths}
+
+
+def side_by_side(ours: Callable[[], Any], base: Callable[[], Any], repeats: int, warmup: int = 1,
+                 children: bool = False) -> tuple[Timing, Timing, Any, Any]:
+    """`interleaved` for ours and a baseline: (ours timing, baseline timing, ours answer, baseline answer)."""
+    r = interleaved({"ours": ours, "baseline": base}, repeats, warmup, ("ours",) if children else ())
+    return r["ours"][0], r["baseline"][0], r["ours"][1], r["baseline"][1]
 
 
 @dataclass
