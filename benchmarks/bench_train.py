@@ -19,17 +19,21 @@ VARIANTS = {"quick": ("msrnet_tiny_x8",),
 BATCH, M = 4, 4
 
 
-def batch(model, device) -> tuple[torch.Tensor, ...]:
+SHIPPED = ("msrnet2_x8", 8)  # the shipped x8 recipe: model, batch (weights/README.md)
+TODAY = ("msrnet_x8", 4)  # the default before it: `model train` with msrnet_x8, batch 4, fp32
+
+
+def batch(model, device, b: int = BATCH) -> tuple[torch.Tensor, ...]:
     g = torch.Generator().manual_seed(0)
     S = model.out_size
-    lr = torch.rand(BATCH, 3, 16, 16, generator=g)
-    refs = torch.rand(BATCH, M, 3, S, S, generator=g)
-    hr = torch.rand(BATCH, 3, S, S, generator=g)
-    return lr.to(device), refs.to(device), torch.ones(BATCH, M, dtype=torch.bool, device=device), hr.to(device)
+    lr = torch.rand(b, 3, 16, 16, generator=g)
+    refs = torch.rand(b, M, 3, S, S, generator=g)
+    hr = torch.rand(b, 3, S, S, generator=g)
+    return lr.to(device), refs.to(device), torch.ones(b, M, dtype=torch.bool, device=device), hr.to(device)
 
 
-def make_step(model, data, device, channels_last: bool, bf16: bool):
-    opt = torch.optim.Adam(model.parameters(), lr=2e-4)
+def make_step(model, data, device, channels_last: bool, bf16: bool, fused: bool = False):
+    opt = torch.optim.Adam(model.parameters(), lr=2e-4, fused=fused)
     lr, refs, mask, hr = data
     if channels_last:
         model.to(memory_format=torch.channels_last)
@@ -93,6 +97,8 @@ def run(mode: str, repeats: int) -> Stage:
         st.points.append(p)
         head = (p, med, secs, peaks)
         del base_model, fns
+    if mode != "quick":
+        st.points.append(shipped_vs_today(device, 2 if mode == "default" else repeats))
     p, med, secs, peaks = head
     st.ratio = p["ratio"]
     st.same_answer = same
@@ -107,7 +113,35 @@ def run(mode: str, repeats: int) -> Stage:
     if not fast:
         st.notes.append("CPU: ours = channels_last fp32 (the default); bf16_* columns = `model train --precision bf16` "
                         "(channels_last + bf16 autocast, opt-in on CPU), first-step loss vs fp32 in bf16_first_loss_rel_diff")
+    if mode != "quick":
+        sp = st.points[-1]
+        st.notes.append(f"shipped recipe vs today's default, side by side: {sp['variant']} {sp['ours_samples_per_s']} "
+                        f"samples/s vs {sp['baseline_samples_per_s']} = {sp['ratio']}x")
     torch.manual_seed(0)
     m = create_model(VARIANTS[mode][0]).to(device).train()
     st.profile = torch_profile(make_step(m, batch(m, device), device, True, fast))
     return st
+
+
+def shipped_vs_today(device, steps: int) -> dict:
+    """samples/s of the shipped x8 training step (msrnet2_x8, batch 8, channels_last fp32: what
+    `model train` runs for weights/msrnet2_x8) against today's default (msrnet_x8, batch 4, fp32 NCHW), interleaved."""
+    from model.registry import create_model
+
+    torch.manual_seed(0)
+    ship, old = create_model(SHIPPED[0]).to(device).train(), create_model(TODAY[0]).to(device).train()
+    fns = {"ours": (make_step(ship, batch(ship, device, SHIPPED[1]), device, True, False), SHIPPED[1]),
+           "baseline": (make_step(old, batch(old, device, TODAY[1]), device, False, False), TODAY[1])}
+    for fn, _ in fns.values():
+        fn()  # warm-up
+    secs = {k: [] for k in fns}
+    for r in range(steps):
+        for k, (fn, _) in (list(fns.items()) if r % 2 == 0 else list(fns.items())[::-1]):
+            t0 = time.perf_counter()
+            fn()
+            secs[k].append(time.perf_counter() - t0)
+    rate = {k: fns[k][1] / statistics.median(v) for k, v in secs.items()}
+    return {"variant": f"{SHIPPED[0]} (batch {SHIPPED[1]}) vs {TODAY[0]} (batch {TODAY[1]})", "out_size": ship.out_size,
+            "batch": SHIPPED[1], "refs": M, "timed_steps": steps, "ours_samples_per_s": round(rate["ours"], 3),
+            "baseline_samples_per_s": round(rate["baseline"], 3), "ratio": round(rate["ours"] / rate["baseline"], 2),
+            "same_loss": None}

@@ -107,12 +107,22 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     return Checkpoint(path, meta, tensors)
 
 
+def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop DataParallel / torch.compile prefixes (`module.`, `_orig_mod.`)."""
+    out = {}
+    for k, v in state.items():
+        for p in ("module.", "_orig_mod."):
+            k = k[len(p):] if k.startswith(p) else k
+        out[k] = v
+    return out
+
+
 def load_weights(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
     """Strict load; a foreign architecture becomes a CheckpointError."""
-    from .msrnet import checkpoint_filter_fn
-
+    filter_fn = getattr(__import__(type(model).__module__, fromlist=["_"]), "checkpoint_filter_fn", None)
+    state = filter_fn(state, model) if filter_fn is not None else _strip_prefixes(state)
     try:
-        model.load_state_dict(checkpoint_filter_fn(state, model), strict=True)
+        model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         first = str(e).splitlines()[0]
         raise CheckpointError(f"{where}: weights do not fit {type(model).__name__} ({first}); other architecture?") from e
@@ -128,6 +138,18 @@ def model_from_checkpoint(ckpt: Checkpoint, use_ema: bool = True) -> nn.Module:
     state = ckpt.section("ema") if use_ema and ckpt.section("ema") else ckpt.section("model")
     load_weights(model, state, str(ckpt.path))
     return model
+
+
+def export_weights(src: str | Path, dst: str | Path, use_ema: bool = True) -> dict[str, Any]:
+    """Write a weights-only checkpoint (EMA weights if present and `use_ema`, no optimizer or EMA copy):
+    what `weights/` ships. Loads with `model eval/infer --checkpoint` like any run checkpoint."""
+    ck = load_checkpoint(src)
+    model = model_from_checkpoint(ck, use_ema)
+    keep = ("model", "model_kwargs", "step", "score", "config")
+    meta = {k: ck.meta[k] for k in keep if k in ck.meta} | {"exported_from": str(src),
+                                                             "weights": "ema" if use_ema and ck.section("ema") else "raw"}
+    save_checkpoint(dst, model, meta)
+    return meta
 
 
 def restore_optimizer(optimizer: torch.optim.Optimizer, ckpt: Checkpoint) -> None:

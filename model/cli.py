@@ -24,6 +24,8 @@ class RefMode(str, Enum):
     matched = "matched"
     random = "random"
     none = "none"
+    oracle = "oracle"
+    shuffled = "shuffled"
 
 
 def _run(fn, *args, **kwargs):
@@ -44,7 +46,9 @@ def train(
     data_root: Annotated[Optional[Path], typer.Option(help="replaces the manifest's hr_root and ref_root")] = None,
     val_manifest: Annotated[Optional[Path], typer.Option(help="validation manifest: picks `best` by PSNR-Y")] = None,
     num_refs: Annotated[int, typer.Option(min=0, max=5, help="references per face")] = 4,
-    refs: Annotated[RefMode, typer.Option(help="matched (manifest), random (other identities) or none")] = RefMode.matched,
+    refs: Annotated[RefMode, typer.Option(help="matched (manifest), random (other identities), none, oracle (the HR itself) or shuffled")] = RefMode.matched,
+    ref_dropout: Annotated[float, typer.Option(min=0.0, max=1.0, help="probability a sample keeps only 0..m-1 of its references")] = 0.0,
+    jitter: Annotated[float, typer.Option(min=0.0, max=0.49, help="framing jitter of HR and references (fraction of the crop side)")] = 0.0,
     no_swin: Annotated[bool, typer.Option("--no-swin", help="3x3 conv instead of the Swin GFE (Table 3)")] = False,
     steps: Annotated[int, typer.Option(min=1)] = 10_000,
     batch_size: Annotated[int, typer.Option(min=1)] = 4,
@@ -69,7 +73,7 @@ def train(
 
     cfg = TrainConfig(
         manifest=manifest, model=model, name=name, runs_dir=runs_dir, data_root=data_root, val_manifest=val_manifest,
-        num_refs=num_refs, refs=refs.value, use_swin=not no_swin, steps=steps, batch_size=batch_size, lr=lr,
+        num_refs=num_refs, refs=refs.value, ref_dropout=ref_dropout, jitter=jitter, use_swin=not no_swin, steps=steps, batch_size=batch_size, lr=lr,
         warmup_steps=warmup_steps, grad_clip=grad_clip, ema_decay=ema_decay, stage1_weight=stage1_weight,
         workers=workers, seed=seed, log_every=log_every, ckpt_every=ckpt_every, sample_every=sample_every,
         device=device, precision=precision, resume=resume, stop_after=stop_after,
@@ -84,8 +88,9 @@ def eval_cmd(
     checkpoint: Annotated[Path, typer.Option(help="a run's last/best .safetensors")],
     manifest: Annotated[Path, typer.Option(help="training_manifest Parquet file to evaluate on")],
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="output folder")] = None,
-    refs: Annotated[RefMode, typer.Option(help="matched, random or none")] = RefMode.matched,
+    refs: Annotated[RefMode, typer.Option(help="matched, random, none, oracle (the HR itself) or shuffled (matched, grid permuted)")] = RefMode.matched,
     num_refs: Annotated[Optional[int], typer.Option(min=0, max=5, help="default: the run's")] = None,
+    seed: Annotated[int, typer.Option(help="seed of random references and shuffles")] = 0,
     data_root: Annotated[Optional[Path], typer.Option(help="replaces the manifest's roots")] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 8,
     device: str = "auto",
@@ -96,8 +101,9 @@ def eval_cmd(
     from .evaluate import METRICS, evaluate
 
     where, summary = _run(evaluate, checkpoint, manifest, out_dir, refs.value, num_refs, data_root, device,
-                          batch_size, not no_ema, report)
-    t = Table(title=f"{summary['n']} faces, x{summary['scale']}")
+                          batch_size, not no_ema, report, seed)
+    t = Table(title=f"{summary['n']} faces ({summary.get('split')} split), x{summary['scale']}, refs {summary['refs']} "
+                    f"chosen on the {summary.get('ref_view')} view; bicubic MATLAB-style; *_full: MATLAB Y, no crop")
     t.add_column("method")
     for k in METRICS:
         t.add_column(k, justify="right")
@@ -128,6 +134,19 @@ def infer(
     paths, rate = _run(run_infer, checkpoint, lr, refs or [], out_dir, device, batch_size,
                        library=library, detect=detect, num_refs=num_refs, weights=weights)
     out.print(f"{len(paths)} SR image(s) written to {out_dir} ({rate:.1f} faces/s)")
+
+
+@app.command()
+def export(
+    checkpoint: Annotated[Path, typer.Option(help="a run's last/best .safetensors")],
+    out_path: Annotated[Path, typer.Option("--out", help="weights file to write")],
+    no_ema: Annotated[bool, typer.Option("--no-ema", help="export the raw weights even if EMA weights exist")] = False,
+) -> None:
+    """Weights-only copy of a checkpoint (no optimizer state): for sharing, as weights/ does."""
+    from .checkpoint import export_weights
+
+    meta = _run(export_weights, checkpoint, out_path, not no_ema)
+    out.print(f"{meta['model']} step {meta.get('step')} ({meta['weights']} weights) written to {out_path}")
 
 
 @app.command("list")

@@ -24,7 +24,8 @@ from data_manifests import ManifestError, metadata, read_table
 
 from .errors import MsrError
 
-RefMode = Literal["matched", "random", "none"]
+RefMode = Literal["matched", "random", "none", "oracle", "shuffled"]
+REF_MODES = ("matched", "random", "none", "oracle", "shuffled")
 LR_SIZE = 16
 
 
@@ -57,6 +58,35 @@ def degrade(hr: Image.Image, scale: int) -> tuple[Image.Image, Image.Image]:
     return hr, hr.resize((LR_SIZE, LR_SIZE), Image.BICUBIC)
 
 
+def _jittered(im: Image.Image, jitter: float, rng: random.Random) -> Image.Image:
+    """A random square of side (1 - u * jitter) * min(W, H), u ~ U(0, 1), at a random place (jitter 0: as is)."""
+    if jitter <= 0:
+        return im
+    w, h = im.size
+    side = max(1, round(min(w, h) * (1 - rng.random() * jitter)))
+    x0, y0 = rng.randint(0, w - side), rng.randint(0, h - side)
+    return im.crop((x0, y0, x0 + side, y0 + side))
+
+
+def _shuffle_grid(refs: list[Image.Image], n: int, rng: random.Random) -> list[Image.Image]:
+    """Cut each image into an n x n grid of blocks and permute the blocks (one permutation per call)."""
+    if not refs:
+        return refs
+    size = refs[0].size[0]
+    b = size // n
+    perm = list(range(n * n))
+    rng.shuffle(perm)
+    out = []
+    for im in refs:
+        new = im.copy()
+        for dst, src in enumerate(perm):
+            sy, sx = divmod(src, n)
+            dy, dx = divmod(dst, n)
+            new.paste(im.crop((sx * b, sy * b, sx * b + b, sy * b + b)), (dx * b, dy * b))
+        out.append(new)
+    return out
+
+
 @dataclass(frozen=True)
 class Row:
     face_id: str
@@ -73,10 +103,14 @@ class ManifestDataset(Dataset):
         scale: 4, 8 or 16; HR targets are 16*scale square.
         num_refs: references per sample (0..5); missing ones are zero with mask False.
         refs: "matched" (the manifest's), "random" (HR crops of other identities in
-            this manifest) or "none".
+            this manifest), "none", "oracle" (the HR target itself as every reference:
+            an upper bound) or "shuffled" (the matched references with their 4x4 grid
+            of blocks permuted: tests whether spatial correspondence is used).
         data_root: replaces both metadata roots when given.
         flip: random horizontal flip, the same for HR and references.
         seed: seed of the per-sample randomness.
+        jitter: framing jitter (training): HR and each reference are cut from a random
+            square of side (1 - u * jitter) of the crop, u ~ U(0, 1), at a random place.
         check_files: verify every file exists up front.
     Raises:
         ManifestError: wrong schema or unreadable manifest.
@@ -93,12 +127,15 @@ class ManifestDataset(Dataset):
         flip: bool = False,
         seed: int = 0,
         check_files: bool = True,
+        jitter: float = 0.0,
     ):
         manifest = Path(manifest)
         if not 0 <= num_refs <= 5:
             raise MsrError(f"num_refs must be in 0..5, got {num_refs}")
-        if refs not in ("matched", "random", "none"):
-            raise MsrError(f"refs must be matched, random or none, got {refs!r}")
+        if refs not in REF_MODES:
+            raise MsrError(f"refs must be one of {', '.join(REF_MODES)}, got {refs!r}")
+        if not 0.0 <= jitter < 0.5:
+            raise MsrError(f"jitter must be in [0, 0.5), got {jitter}")
         table = read_table(manifest, "training_manifest")
         meta = metadata(manifest)
         roots = {}
@@ -126,13 +163,17 @@ class ManifestDataset(Dataset):
         if not self.rows:
             raise MsrError(f"{manifest}: the manifest has no rows")
         if check_files:
-            needed = [r.hr for r in self.rows] + ([p for r in self.rows for p in r.refs[:num_refs]] if refs == "matched" else [])
+            needed = [r.hr for r in self.rows] + ([p for r in self.rows for p in r.refs[:num_refs]] if refs in ("matched", "shuffled") else [])
             missing = [p for p in needed if not p.is_file()]
             if missing:
                 raise MsrError(
                     f"{manifest}: {len(missing)} image file(s) missing, first {missing[0]}; check hr_root/ref_root or --data-root"
                 )
         self.scale, self.num_refs, self.ref_mode, self.flip, self.seed = scale, num_refs, refs, flip, seed
+        self.jitter = jitter
+        self.ref_view = meta.get("query_view")  # which view of the query chose its references (hr | lr)
+        splits = set(cols.get("split") or [])
+        self.split = splits.pop() if len(splits) == 1 else None
         self.manifest = manifest
 
     def __len__(self) -> int:
@@ -143,9 +184,9 @@ class ManifestDataset(Dataset):
         return random.Random(int.from_bytes(h[:8], "little"))
 
     def _ref_paths(self, row: Row, rng: random.Random) -> list[Path]:
-        if self.ref_mode == "none" or self.num_refs == 0:
+        if self.ref_mode in ("none", "oracle") or self.num_refs == 0:
             return []
-        if self.ref_mode == "matched":
+        if self.ref_mode in ("matched", "shuffled"):
             return list(row.refs[: self.num_refs])
         others = [r.hr for r in self.rows if r.identity is None or r.identity != row.identity]
         return rng.sample(others, min(self.num_refs, len(others)))
@@ -155,12 +196,16 @@ class ManifestDataset(Dataset):
         row = self.rows[key % len(self.rows)]
         rng = self._rng(key)
         flip = self.flip and rng.random() < 0.5
-        hr, lr = degrade(load_rgb(row.hr), self.scale)
+        hr, lr = degrade(_jittered(load_rgb(row.hr), self.jitter, rng), self.scale)
         size = hr.size[0]
         refs = []
         for p in self._ref_paths(row, rng):
-            im = load_rgb(p)
+            im = _jittered(load_rgb(p), self.jitter, rng)
             refs.append(im if im.size == (size, size) else im.resize((size, size), Image.BICUBIC))
+        if self.ref_mode == "oracle":
+            refs = [hr] * self.num_refs
+        elif self.ref_mode == "shuffled":
+            refs = _shuffle_grid(refs, 4, rng)
         if flip:
             hr = hr.transpose(Image.FLIP_LEFT_RIGHT)
             lr = lr.transpose(Image.FLIP_LEFT_RIGHT)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -13,19 +14,24 @@ from torch.utils.data import DataLoader
 
 from .checkpoint import load_checkpoint, model_from_checkpoint
 from .data import ManifestDataset
-from .metrics import psnr, ssim, tensor_to_uint8
+from .metrics import bicubic_upsample, psnr, ssim, tensor_to_uint8
 from .runlog import write_json_atomic
 
-METRICS = ("psnr_y", "ssim_y", "psnr_rgb", "ssim_rgb")
+log = logging.getLogger(__name__)
+
+METRICS = ("psnr_y", "ssim_y", "psnr_rgb", "ssim_rgb", "psnr_y_full", "ssim_y_full")
 
 
 def image_metrics(sr, hr, scale: int) -> dict[str, float]:
-    """Both conventions: Y (BT.601) with border crop = scale, and RGB without crop. HWC uint8 inputs."""
+    """Three conventions, HWC uint8 inputs: Y (BT.601) with border crop = scale (BasicSR), RGB without
+    crop, and the face-SR literature's (`*_y_full`: MATLAB Y rounded to uint8, whole image, no crop)."""
     return {
         "psnr_y": psnr(sr, hr, crop_border=scale, test_y_channel=True),
         "ssim_y": ssim(sr, hr, crop_border=scale, test_y_channel=True),
         "psnr_rgb": psnr(sr, hr),
         "ssim_rgb": ssim(sr, hr),
+        "psnr_y_full": psnr(sr, hr, test_y_channel=True, y_uint8=True),
+        "ssim_y_full": ssim(sr, hr, test_y_channel=True, y_uint8=True),
     }
 
 
@@ -45,7 +51,9 @@ def evaluate_dataset(
     for batch in DataLoader(ds, batch_size=batch_size, shuffle=False):
         lr, hr = batch["lr"].to(device), batch["hr"]
         sr = model(lr, batch["refs"].to(device), batch["ref_mask"].to(device)).float().cpu()
-        bic = F.interpolate(batch["lr"], size=hr.shape[-1], mode="bicubic", align_corners=False)
+        # the bicubic row as the literature computes it (MATLAB-style: PIL, a = -0.5)
+        bic = torch.stack([torch.from_numpy(bicubic_upsample(tensor_to_uint8(x), hr.shape[-1])).permute(2, 0, 1)
+                           for x in batch["lr"]]).float() / 255.0
         for i in range(lr.shape[0]):
             h = tensor_to_uint8(hr[i])
             row: dict[str, Any] = {"face_id": ds.rows[int(batch["index"][i])].face_id}
@@ -56,7 +64,8 @@ def evaluate_dataset(
             row.update({f"bicubic_{k}": v for k, v in image_metrics(tensor_to_uint8(bic[i]), h, ds.scale).items()})
             rows.append(row)
     model.train(was_training)
-    summary = {"n": len(rows), "scale": ds.scale, "refs": ds.ref_mode, "num_refs": ds.num_refs}
+    summary = {"n": len(rows), "scale": ds.scale, "refs": ds.ref_mode, "num_refs": ds.num_refs, "seed": ds.seed,
+               "ref_view": ds.ref_view, "split": ds.split}
     for method in ("sr", "bicubic"):
         summary[method] = {k: sum(r[f"{method}_{k}"] for r in rows) / len(rows) for k in METRICS}
     return rows, summary
@@ -65,13 +74,17 @@ def evaluate_dataset(
 def summary_markdown(summary: dict[str, Any], title: str) -> str:
     lines = [
         f"# {title}", "",
-        f"{summary['n']} images, x{summary['scale']}, refs {summary['refs']} (k={summary['num_refs']}). "
-        f"Y: BT.601 luma, border crop {summary['scale']}; RGB: no crop.", "",
-        "| method | PSNR Y | SSIM Y | PSNR RGB | SSIM RGB |", "|---|---:|---:|---:|---:|",
+        f"{summary['n']} images of split {summary.get('split')}, x{summary['scale']}, refs {summary['refs']} "
+        f"(k={summary['num_refs']}), references chosen on the {summary.get('ref_view')} view. "
+        f"Y: BT.601 luma, border crop {summary['scale']}; RGB: no crop; Y full: MATLAB Y (uint8), whole image. "
+        "Bicubic: MATLAB-style (PIL).", "",
+        "| method | PSNR Y | SSIM Y | PSNR RGB | SSIM RGB | PSNR Y full | SSIM Y full |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for method in ("bicubic", "sr"):
         m = summary[method]
-        lines.append(f"| {method} | {m['psnr_y']:.3f} | {m['ssim_y']:.4f} | {m['psnr_rgb']:.3f} | {m['ssim_rgb']:.4f} |")
+        lines.append(f"| {method} | {m['psnr_y']:.3f} | {m['ssim_y']:.4f} | {m['psnr_rgb']:.3f} | {m['ssim_rgb']:.4f} "
+                     f"| {m['psnr_y_full']:.3f} | {m['ssim_y_full']:.4f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -86,6 +99,7 @@ def evaluate(
     batch_size: int = 8,
     use_ema: bool = True,
     report: bool = False,
+    seed: int = 0,
 ) -> tuple[Path, dict[str, Any]]:
     """Evaluate a checkpoint on a manifest; writes per_image.csv, summary.json, summary.md.
 
@@ -97,7 +111,9 @@ def evaluate(
     dev = pick_device(device)
     model = model_from_checkpoint(ck, use_ema).to(dev)
     k = num_refs if num_refs is not None else ck.meta.get("config", {}).get("num_refs", 4)
-    ds = ManifestDataset(manifest, model.scale, k, refs, data_root)
+    ds = ManifestDataset(manifest, model.scale, k, refs, data_root, seed=seed)
+    if ds.split == "train":
+        log.warning("%s: its metadata says split=train: these scores are on training faces", manifest)
     out_dir = out_dir or Path(checkpoint).parent / f"eval-{Path(manifest).stem}-{refs}{k}"
     out_dir.mkdir(parents=True, exist_ok=True)
     pages = None

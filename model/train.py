@@ -40,7 +40,9 @@ class TrainConfig:
     data_root: Path | None = None
     val_manifest: Path | None = None
     num_refs: int = 4
-    refs: str = "matched"  # matched | random | none
+    refs: str = "matched"  # matched | random | none | oracle | shuffled
+    ref_dropout: float = 0.0  # probability a sample keeps only a uniform 0..m-1 of its references
+    jitter: float = 0.0  # framing jitter of HR and references (see ManifestDataset)
     use_swin: bool = True
     steps: int = 10_000
     batch_size: int = 4
@@ -93,6 +95,20 @@ class Ema(nn.Module):
         return self.module.state_dict(*args, **kwargs)
 
 
+def drop_refs(mask: torch.Tensor, cfg: TrainConfig, step: int) -> torch.Tensor:
+    """Reference dropout: with probability cfg.ref_dropout a sample keeps only its first n ~ U{0..m-1}
+    references, so one model serves every m, none included. B, M bool -> B, M bool; a pure function of
+    (seed, step), so a resumed run drops the same ones."""
+    if cfg.ref_dropout <= 0 or mask.shape[1] == 0:
+        return mask
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step + 7)
+    B, M = mask.shape
+    hit = torch.rand(B, generator=g) < cfg.ref_dropout
+    keep = torch.randint(0, M, (B,), generator=g)
+    limit = torch.where(hit, keep, torch.full_like(keep, M))  # B
+    return mask & (torch.arange(M)[None, :] < limit[:, None])
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -137,7 +153,8 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, device: torch.device) -
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model_kwargs = {} if cfg.use_swin else {"use_swin": False}
     model = create_model(cfg.model, **model_kwargs).to(device, memory_format=torch.channels_last)  # faster convs, CPU too
-    ds = ManifestDataset(cfg.manifest, model.scale, cfg.num_refs, cfg.refs, cfg.data_root, cfg.flip, cfg.seed)
+    ds = ManifestDataset(cfg.manifest, model.scale, cfg.num_refs, cfg.refs, cfg.data_root, cfg.flip, cfg.seed,
+                         jitter=cfg.jitter)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     ema = Ema(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
     step, best = 0, float("inf")
@@ -202,7 +219,7 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, device: torch.device) -
             for g in opt.param_groups:
                 g["lr"] = lr_now
             lr_img, hr = batch["lr"].to(device), batch["hr"].to(device)
-            refs, mask = batch["refs"].to(device), batch["ref_mask"].to(device)
+            refs, mask = batch["refs"].to(device), drop_refs(batch["ref_mask"], cfg, step).to(device)
             with amp:
                 feats, sr = net(lr_img, refs, mask)
                 loss = F.l1_loss(sr.float(), hr)

@@ -1,4 +1,5 @@
-"""Feature extractors for `refbuild embed`: VGGFace (VGG-16) and a pixel baseline.
+"""Feature extractors for `refbuild embed`: VGGFace (VGG-16), a gradient-orientation
+descriptor (`hog`, offline) and a pixel baseline.
 
 One input type: a uint8 batch `B, 3, S, S` of RGB face crops. One output type:
 a list of feature maps `B, C_l, H_l, W_l`, one per layer.
@@ -75,6 +76,32 @@ def load_vggface_state(path: Path, expected_sha256: str | None = None) -> tuple[
     return state, sha
 
 
+HOG_SIZE, HOG_BINS = 64, 9
+
+
+def hog_maps(x: torch.Tensor) -> list[torch.Tensor]:
+    """B, 3, S, S float 0..255 -> [B, 9, 64, 64 gradient-orientation map; B, 3, 16, 16 colour].
+
+    HOG (Dalal & Triggs) without blocks: the grey image at 64x64, central-difference
+    gradients, unsigned orientation soft-binned into 9 bins weighted by magnitude; the
+    square root (Hellinger) tames strong edges. `describe` pools both to the grid and
+    L2-normalises each, so shape (orientation layout) and colour count alike in Eq. 2.
+    """
+    x = F.interpolate(x / 255.0, size=(HOG_SIZE, HOG_SIZE), mode="area")  # B, 3, 64, 64
+    grey = (x * torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    g = F.pad(grey, (1, 1, 1, 1), mode="replicate")
+    gx = g[..., 1:-1, 2:] - g[..., 1:-1, :-2]  # B, 1, 64, 64
+    gy = g[..., 2:, 1:-1] - g[..., :-2, 1:-1]
+    mag = torch.sqrt(gx * gx + gy * gy)
+    pos = torch.remainder(torch.atan2(gy, gx), torch.pi) / torch.pi * HOG_BINS  # 0..9
+    lo = pos.floor()
+    frac = pos - lo
+    bins = torch.arange(HOG_BINS, device=x.device).view(1, -1, 1, 1)
+    hist = mag * ((1 - frac) * (bins == lo.remainder(HOG_BINS)) + frac * (bins == (lo + 1).remainder(HOG_BINS)))
+    colour = F.interpolate(x, size=(16, 16), mode="area")
+    return [hist.sqrt(), colour - colour.mean(dim=(1, 2, 3), keepdim=True)]
+
+
 @dataclass
 class Backbone:
     """A feature extractor: `maps(batch_uint8) -> [B, C_l, H_l, W_l]` per layer."""
@@ -100,6 +127,8 @@ class Backbone:
         if self.name == "pixels":
             x = F.interpolate(x / 255.0, size=(16, 16), mode="area")  # B, 3, 16, 16
             return [x - x.mean(dim=(1, 2, 3), keepdim=True)]
+        if self.name == "hog":
+            return hog_maps(x)
         x = F.interpolate(x, size=(VGGFACE_SIZE, VGGFACE_SIZE), mode="bilinear", antialias=True, align_corners=False)
         x = x - torch.tensor(VGGFACE_MEAN_RGB, device=x.device).view(1, 3, 1, 1)
         x = x.contiguous(memory_format=torch.channels_last)  # oneDNN/cuDNN's fast layout: ~1.3x on CPU too
@@ -117,19 +146,22 @@ class Backbone:
 def build_backbone(name: str, weights: str | None = None, weights_sha256: str | None = None,
                    layers: tuple[int, ...] = PAPER_LAYERS) -> Backbone:
     """Args:
-        name: "vggface" or "pixels".
+        name: "vggface", "hog" or "pixels".
         weights: for vggface, a path to vgg_face_dag.pth, or "random" (tests only).
     """
     if name == "pixels":
         return Backbone("pixels", ["pixels16"], "none", "pixels: 16x16 RGB, mean-removed (baseline, no network)", 16)
+    if name == "hog":
+        return Backbone("hog", ["hog9", "colour16"], "none",
+                        "hog: 9-bin gradient orientations + mean-removed colour (offline, no network)", 8)
     if name != "vggface":
-        raise RefbuildError(f"unknown backbone {name!r}; use vggface or pixels")
+        raise RefbuildError(f"unknown backbone {name!r}; use vggface, hog or pixels")
     if not layers or any(i not in LAYER_NAMES for i in layers):
         raise RefbuildError(f"layers {layers}: VGG-16 feature indices run from 0 to 30")
     feats = vgg16_features().eval()
     names = [f"{i}:{LAYER_NAMES[i]}" for i in layers]
     if weights in (None, ""):
-        raise RefbuildError("--weights is required for --backbone vggface: a path to vgg_face_dag.pth, or 'random' for tests")
+        raise RefbuildError("--weights is required for --backbone vggface: a path to vgg_face_dag.pth; without it use --backbone hog or --backbone pixels (offline)")
     if weights == "random":
         torch.manual_seed(0)
         feats = vgg16_features().eval()

@@ -105,11 +105,11 @@ def detect(
 @app.command()
 def embed(
     lib: Lib,
-    backbone: Annotated[str, typer.Option(help="vggface (VGG-16, the paper's) or pixels (baseline, no weights).")] = "vggface",
+    backbone: Annotated[str, typer.Option(help="vggface (VGG-16, the paper's), hog (gradient orientations + colour, offline) or pixels (baseline, no weights).")] = "vggface",
     weights: Annotated[Optional[str], typer.Option(envvar="MSRFACE_VGGFACE_WEIGHTS", help="vgg_face_dag.pth, or 'random' (tests only, says so in every output).")] = None,
     weights_sha256: Annotated[Optional[str], typer.Option(help="Refuse weights whose sha256 differs.")] = None,
     layers: Annotated[str, typer.Option(help="VGG-16 feature indices (paper: 5,17,29).")] = "5,17,29",
-    grid: Annotated[Optional[int], typer.Option(help="Pool each layer to grid x grid (default: vggface 2, pixels 16).")] = None,
+    grid: Annotated[Optional[int], typer.Option(help="Pool each layer to grid x grid (default: vggface 2, hog 8, pixels 16).")] = None,
     layer_norm: Annotated[str, typer.Option(help="l2 (each layer's vector to unit length) or none.")] = "l2",
     views: Annotated[str, typer.Option(help="hr, lr or hr,lr. lr = the crop degraded by --lr-scale and back (for pair --query-view lr).")] = "hr",
     lr_scale: Annotated[int, typer.Option(help="Degradation factor of the lr view.")] = 8,

@@ -37,11 +37,11 @@ RUNTIME_FIELDS = ("device", "batch_size", "quiet", "overwrite", "weights", "work
 @dataclass(frozen=True)
 class EmbedConfig:
     lib: Path
-    backbone: Literal["vggface", "pixels"] = "vggface"
+    backbone: Literal["vggface", "hog", "pixels"] = "vggface"
     weights: str | None = None  # path to vgg_face_dag.pth, or "random" (tests only)
     weights_sha256: str | None = None
     layers: tuple[int, ...] = PAPER_LAYERS
-    grid: int | None = None  # None: the backbone's default (vggface 2, pixels 16)
+    grid: int | None = None  # None: the backbone's default (vggface 2, hog 8, pixels 16)
     layer_norm: Literal["l2", "none"] = "l2"
     views: tuple[str, ...] = ("hr",)  # "hr": the crop; "lr": the crop degraded x lr_scale and back
     lr_scale: int = 8
@@ -157,7 +157,7 @@ def run(cfg: EmbedConfig, runner: Runner | None = None) -> dict:
     stats: dict = {"faces": len(ids), "dim": dim, "backbone": backbone.name, "weights": backbone.note, "precision": meta["precision"]}
     t0 = time.perf_counter()
     processed = 0
-    runner = runner or make_runner(cfg.engine, resolve_workers(cfg.workers, cfg.device, cfg.backbone != "pixels"))
+    runner = runner or make_runner(cfg.engine, resolve_workers(cfg.workers, cfg.device, cfg.backbone == "vggface"))
     with library_lock(lib.root, "embed"):
         for view in cfg.views:
             wdir = shards.work_dir(lib.root, f"embed-{view}")

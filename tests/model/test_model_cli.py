@@ -112,3 +112,27 @@ def test_truncated_checkpoint(trained, synthetic_manifest, tmp_path):
     (tmp_path / "t.safetensors").write_bytes(data[:1000])
     _one_line_error(_invoke("eval", "--checkpoint", tmp_path / "t.safetensors", "--manifest", synthetic_manifest),
                     "truncated")
+
+
+def test_msrnet2_trains_with_ref_dropout_and_exports_weights_only(synthetic_manifest, tmp_path):
+    import json
+
+    from safetensors import safe_open
+
+    r = _invoke("train", "--manifest", synthetic_manifest, "--model", "msrnet2_tiny_x4", "--runs-dir", tmp_path,
+                "--name", "m2", "--steps", "2", "--batch-size", "2", "--num-refs", "2", "--ref-dropout", "0.5",
+                "--jitter", "0.1", "--ema-decay", "0.5")
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((tmp_path / "m2" / "config.json").read_text())
+    assert cfg["ref_dropout"] == 0.5 and cfg["jitter"] == 0.1
+    r = _invoke("export", "--checkpoint", tmp_path / "m2" / "last.safetensors", "--out", tmp_path / "w.safetensors")
+    assert r.exit_code == 0, r.output
+    with safe_open(str(tmp_path / "w.safetensors"), framework="pt") as fh:
+        keys = list(fh.keys())
+    assert keys and not any(k.startswith(("optim.", "ema.")) for k in keys)
+    assert (tmp_path / "w.safetensors").stat().st_size < (tmp_path / "m2" / "last.safetensors").stat().st_size / 2
+    r = _invoke("eval", "--checkpoint", tmp_path / "w.safetensors", "--manifest", synthetic_manifest,
+                "--out", tmp_path / "ev", "--refs", "shuffled")
+    assert r.exit_code == 0, r.output
+    s = json.loads((tmp_path / "ev" / "summary.json").read_text())
+    assert {"psnr_y_full", "ssim_y_full"} <= set(s["sr"]) and s["refs"] == "shuffled"

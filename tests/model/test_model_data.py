@@ -64,3 +64,32 @@ def test_batch_sampler_rank_slices_tile_the_global_batch():
     assert list(ResumableBatchSampler(10, 2, 1, 7, start_step=3, rank=1, world_size=2)) == ranks[1][3:]
     with pytest.raises(MsrError, match=r"2 processes x 3"):
         ResumableBatchSampler(5, 3, 0, 1, rank=0, world_size=2)
+
+
+def test_oracle_shuffled_and_jitter_modes(synthetic_manifest):
+    matched = ManifestDataset(synthetic_manifest, 4, 2)[0]
+    oracle = ManifestDataset(synthetic_manifest, 4, 2, refs="oracle")[0]
+    assert oracle["ref_mask"].all()
+    for r in oracle["refs"]:
+        torch.testing.assert_close(r, oracle["hr"])
+    shuf = ManifestDataset(synthetic_manifest, 4, 2, refs="shuffled", seed=3)[0]
+    assert shuf["ref_mask"].all() and not torch.equal(shuf["refs"], matched["refs"])
+    # the same pixels, other places: the blocks are permuted, not altered
+    torch.testing.assert_close(shuf["refs"].flatten(1).sort(dim=1).values, matched["refs"].flatten(1).sort(dim=1).values)
+    jit = ManifestDataset(synthetic_manifest, 4, 2, jitter=0.3, seed=1)[0]
+    assert jit["hr"].shape == matched["hr"].shape and not torch.equal(jit["hr"], matched["hr"])
+    with pytest.raises(Exception, match="jitter"):
+        ManifestDataset(synthetic_manifest, 4, 2, jitter=0.7)
+
+
+def test_reference_dropout_is_seeded_and_keeps_a_prefix():
+    from model.train import TrainConfig, drop_refs
+
+    cfg = TrainConfig(manifest="x", ref_dropout=0.5, seed=1)
+    mask = torch.ones(64, 4, dtype=torch.bool)
+    a, b = drop_refs(mask, cfg, 3), drop_refs(mask, cfg, 3)
+    assert torch.equal(a, b) and not torch.equal(a, drop_refs(mask, cfg, 4))
+    n = a.sum(1)
+    assert (n == 4).any() and (n == 0).any() and (n < 4).float().mean().item() == pytest.approx(0.5, abs=0.2)
+    assert torch.equal(a, torch.arange(4)[None] < n[:, None])  # the first n references are kept
+    assert torch.equal(drop_refs(mask, TrainConfig(manifest="x"), 3), mask)

@@ -65,3 +65,29 @@ def test_ssim_against_direct_implementation():
 def test_shape_mismatch_raises():
     with pytest.raises(ValueError):
         psnr(np.zeros((4, 4, 3)), np.zeros((5, 4, 3)))
+
+
+def test_literature_y_is_rounded_to_uint8():
+    """MATLAB's rgb2ycbcr on uint8 rounds Y before the PSNR."""
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (12, 12, 3)).astype(np.float64)
+    b = np.clip(a + rng.integers(-3, 4, a.shape), 0, 255)
+    ya, yb = np.round(rgb_to_y(a)), np.round(rgb_to_y(b))
+    expected = 10 * math.log10(255**2 / np.mean((ya - yb) ** 2))
+    assert psnr(a, b, test_y_channel=True, y_uint8=True) == pytest.approx(expected)
+    assert psnr(a, b, test_y_channel=True) != pytest.approx(expected)
+
+
+def test_bicubic_row_is_matlab_style_not_torch():
+    import torch
+    import torch.nn.functional as F
+
+    from model.metrics import bicubic_upsample
+
+    rng = np.random.default_rng(0)
+    lr = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    pil = bicubic_upsample(lr, 128)
+    assert pil.shape == (128, 128, 3) and pil.dtype == np.uint8
+    t = F.interpolate(torch.from_numpy(lr).permute(2, 0, 1)[None].float(), size=128, mode="bicubic",
+                      align_corners=False)[0].clamp(0, 255).round().byte().permute(1, 2, 0).numpy()
+    assert np.abs(pil.astype(int) - t.astype(int)).max() > 2  # a = -0.5 vs a = -0.75: different images

@@ -382,3 +382,30 @@ def test_stage_removes_orphan_temps(tmp_path, built):
     invoke("split", lib, "-q")
     assert not [p for p in planted if p.exists()]
     assert (lib / "crops").is_dir() and len(list((lib / "crops").rglob("*.png"))) == 41
+
+
+def test_detect_aligned_at_crop_size_keeps_pixels_exact(tmp_path):
+    """Standard test sets (aligned 128 px faces) must be scored as published: no resampling."""
+    import numpy as np
+
+    src = tmp_path / "src"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    arrays = {f"f{i}.png": rng.integers(0, 256, (128, 128, 3), dtype=np.uint8) for i in range(3)}
+    for name, a in arrays.items():
+        Image.fromarray(a).save(src / name)
+    invoke("detect", src, "--out", tmp_path / "lib", "--aligned", "--crop-size", 128, "-q")
+    faces = read(tmp_path / "lib" / "faces.parquet")
+    assert len(faces) == 3
+    for f in faces:
+        with Image.open(tmp_path / "lib" / f["crop_path"]) as im:
+            assert (np.asarray(im.convert("RGB")) == arrays[f["src_path"]]).all(), f["src_path"]
+
+
+def test_hog_backbone_embeds_offline(tmp_path):
+    lib = build(tmp_path, m=2).lib
+    invoke("embed", lib, "--backbone", "hog", "--views", "hr,lr", "--overwrite", "-q")
+    meta = pq.read_schema(lib / "features.parquet").metadata
+    assert meta[b"backbone"] == b"hog" and meta[b"dim"] == str(9 * 64 + 3 * 64).encode()
+    feats = pq.read_table(lib / "features.parquet").column("features").to_pylist()
+    assert len({tuple(round(v, 5) for v in f) for f in feats}) > 1  # not a constant
