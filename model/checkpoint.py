@@ -107,22 +107,12 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     return Checkpoint(path, meta, tensors)
 
 
-def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop DataParallel / torch.compile prefixes (`module.`, `_orig_mod.`)."""
-    out = {}
-    for k, v in state.items():
-        for p in ("module.", "_orig_mod."):
-            k = k[len(p):] if k.startswith(p) else k
-        out[k] = v
-    return out
-
-
 def load_weights(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
     """Strict load; a foreign architecture becomes a CheckpointError."""
-    filter_fn = getattr(__import__(type(model).__module__, fromlist=["_"]), "checkpoint_filter_fn", None)
-    state = filter_fn(state, model) if filter_fn is not None else _strip_prefixes(state)
+    from .msrnet import checkpoint_filter_fn  # model-agnostic: strips DataParallel / compile prefixes
+
     try:
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(checkpoint_filter_fn(state, model), strict=True)
     except RuntimeError as e:
         first = str(e).splitlines()[0]
         raise CheckpointError(f"{where}: weights do not fit {type(model).__name__} ({first}); other architecture?") from e

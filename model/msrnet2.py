@@ -32,31 +32,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .msrnet import LR_SIZE, ResBlock, conv3x3, res_group
 from .registry import register_model
 
 __all__ = ["MSRNet2", "RefAttention", "GatedFusion", "local_attention_weights", "local_aggregate"]
-
-LR_SIZE = 16
-
-
-def conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(cin, cout, 3, stride, 1)
-
-
-class ResBlock(nn.Module):
-    """EDSR residual block: conv-ReLU-conv + identity, no normalisation."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.conv1 = conv3x3(dim, dim)
-        self.conv2 = conv3x3(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.conv2(F.relu(self.conv1(x)))
-
-
-def res_group(dim: int, n: int) -> nn.Sequential:
-    return nn.Sequential(*[ResBlock(dim) for _ in range(n)])
 
 
 class Up2(nn.Module):

@@ -20,6 +20,7 @@ averaged over the seeds per face before differencing (the spread over seeds is r
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 from pathlib import Path
 
@@ -52,8 +53,6 @@ def run_arms(checkpoint: Path, manifest: Path, out: Path, seeds: list[int], devi
                                       seed=seed)
             seed_means.append(summary["sr"][metric])
             bicubic = summary["bicubic"][metric]
-            import csv
-
             with open(where / "per_image.csv", newline="") as fh:
                 for row in csv.DictReader(fh):
                     per_face.setdefault(row["face_id"], []).append(float(row[f"sr_{metric}"]))
