@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo demo-full bench clean
+.PHONY: install test demo demo-full bench gpu-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -26,6 +26,10 @@ demo-full: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run
+
+# every CUDA path, its figures in gpu_check/ (without CUDA: prints the plan, exits 0)
+gpu-check: $(STAMP)
+	$(BIN)/python scripts/gpu_check.py --out gpu_check
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache

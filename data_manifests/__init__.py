@@ -5,9 +5,9 @@ schema name/version stored in the file's key-value metadata. Writers call
 `check_table`, readers call `read_table`; both fail with a message that names
 the file and says what to do.
 
-Generated training manifests are written under `data_manifests/<name>/` (the
-folder this package lives in is only the default; `refbuild pair
---manifest-dir` picks another).
+Generated training manifests are written into the library they belong to,
+`LIB/manifests/<name>/` (`refbuild pair --manifest-dir` picks another folder;
+manifests another library made there are never overwritten).
 """
 from __future__ import annotations
 
@@ -137,6 +137,15 @@ def metadata(path: str | Path) -> dict[str, str]:
     return {k.decode(): v.decode() for k, v in meta.items()}
 
 
+def _unreadable(path: Path, e: Exception) -> ManifestError:
+    why = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if path.suffix.lower() != ".parquet":
+        return ManifestError(f"{path}: not a Parquet file ({why}); give the .parquet file msrface wrote "
+                             "(`refbuild pair` writes the manifests)")
+    return ManifestError(f"{path}: not a readable Parquet file ({why}); if msrface wrote it, rerun the stage that "
+                         "writes it (it is replaced)")
+
+
 def read_table(path: str | Path, name: str, columns: list[str] | None = None) -> pa.Table:
     """Read a Parquet file and check its schema name, version and columns.
 
@@ -149,7 +158,7 @@ def read_table(path: str | Path, name: str, columns: list[str] | None = None) ->
     try:
         meta = metadata(path)
     except Exception as e:  # pyarrow raises several types for a corrupt file
-        raise ManifestError(f"{path}: not a readable Parquet file ({e}); delete it and rerun its stage") from e
+        raise _unreadable(path, e) from e
     _, version = SCHEMAS[name]
     found = meta.get(SCHEMA_KEY.decode())
     if found != name:
@@ -162,7 +171,7 @@ def read_table(path: str | Path, name: str, columns: list[str] | None = None) ->
     try:
         table = pq.read_table(path, columns=columns)
     except Exception as e:
-        raise ManifestError(f"{path}: not a readable Parquet file ({e}); delete it and rerun its stage") from e
+        raise _unreadable(path, e) from e
     if columns is None:
         check_table(table, name, str(path))
     return table

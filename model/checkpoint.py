@@ -82,13 +82,23 @@ def save_checkpoint(
     os.replace(tmp, path)
 
 
+def resolve_checkpoint(path: Path) -> Path:
+    """A run folder stands for its `best.safetensors`, else its `last.safetensors`."""
+    if not path.is_dir():
+        return path
+    for name in ("best.safetensors", "last.safetensors"):
+        if (path / name).is_file():
+            return path / name
+    raise CheckpointError(f"{path}: a folder without best.safetensors or last.safetensors; give a run folder or a .safetensors file")
+
+
 def load_checkpoint(path: str | Path) -> Checkpoint:
-    """Read a checkpoint written by `save_checkpoint`.
+    """Read a checkpoint written by `save_checkpoint` (a run folder: its best, else its last).
 
     Raises:
         CheckpointError: missing, truncated/corrupt, or not an msrface checkpoint.
     """
-    path = Path(path)
+    path = resolve_checkpoint(Path(path))
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint; give a `last.safetensors` or `best.safetensors` of a run")
     try:

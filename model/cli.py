@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from data_manifests import ManifestError
+from refbuild.cliutil import run_app, version_callback
 
 from .errors import MsrError
 
@@ -26,6 +27,13 @@ class RefMode(str, Enum):
     none = "none"
     oracle = "oracle"
     shuffled = "shuffled"
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option("--version", callback=version_callback, is_eager=True, help="print the version and exit")] = False,
+) -> None:
+    """MSRNet face super-resolution."""
 
 
 def _run(fn, *args, **kwargs):
@@ -110,30 +118,61 @@ def eval_cmd(
     for m in ("bicubic", "sr"):
         t.add_row(m, *(f"{summary[m][k]:.4f}" for k in METRICS))
     out.print(t)
-    out.print(f"written to {where}")
+    out.print(f"written to {where}", soft_wrap=True)  # soft_wrap: paths are never cut or broken
     if report:
-        out.print(f"report: {where / 'report' / 'index.html'}")
+        out.print(f"report: {where / 'report' / 'index.html'}", soft_wrap=True)
+
+
+class NonSquare(str, Enum):
+    pad = "pad"
+    refuse = "refuse"
+
+
+def _note(line: str) -> None:
+    err.print(f"[yellow]note:[/yellow] {escape(line)}", markup=True, highlight=False, soft_wrap=True)
 
 
 @app.command()
 def infer(
-    checkpoint: Annotated[Path, typer.Option(help="a run's last/best .safetensors")],
-    lr: Annotated[list[Path], typer.Option(help="LR face image(s), 16x16 (others are resized)")],
-    refs: Annotated[Optional[list[Path]], typer.Option(help="reference image(s), 0 to 5")] = None,
-    out_dir: Annotated[Path, typer.Option("--out", help="output folder")] = Path("sr_out"),
+    checkpoint: Annotated[Path, typer.Option(help="a .safetensors checkpoint, or a run folder (its best, else last)")],
+    lr: Annotated[list[str], typer.Option("--lr", "--input", "-i", help="LR face images: files, folders (recursive) or quoted globs; repeatable")],
+    refs: Annotated[Optional[list[Path]], typer.Option(help="reference image(s) used for every face, 0 to 5")] = None,
+    out_dir: Annotated[Path, typer.Option("--out", help="output folder: outputs mirror the inputs' relative paths")] = Path("sr_out"),
     library: Annotated[Optional[Path], typer.Option(help="retrieve references per face from a refbuild library (LR-view matching)")] = None,
     num_refs: Annotated[int, typer.Option(min=0, max=5, help="references retrieved per face with --library")] = 4,
     weights: Annotated[Optional[str], typer.Option(envvar="MSRFACE_VGGFACE_WEIGHTS", help="the library's VGGFace weights, if it was embedded with them")] = None,
-    detect: Annotated[bool, typer.Option("--detect", help="inputs are whole photos: crop their most confident face first (MTCNN)")] = False,
+    detect: Annotated[bool, typer.Option("--detect", help="inputs are whole photos: restore their most confident face (MTCNN) and paste it back")] = False,
+    all_faces: Annotated[bool, typer.Option("--all-faces", help="with --detect: restore every face found")] = False,
+    margin: Annotated[float, typer.Option(min=0.0, max=2.0, help="with --detect: grow the face box by this fraction (0.52 frames faces as the shipped model's training crops)")] = 0.52,
+    upscale: Annotated[Optional[int], typer.Option(min=1, max=16, help="with --detect: the restored photo's scale (default: the largest face at SR size, at most the model's scale)")] = None,
+    non_square: Annotated[NonSquare, typer.Option(help="a non-square face: centre-pad it with its edge pixels, or refuse it")] = NonSquare.pad,
+    grid: Annotated[bool, typer.Option("--grid", help="also write OUT/grid-NNN.png: LR | bicubic | references | SR per face")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace the files an earlier run wrote in OUT")] = False,
     device: str = "auto",
     batch_size: Annotated[Optional[int], typer.Option(min=1, help="faces per forward (default: 16 on CUDA, 1 on CPU, the faster there)")] = None,
+    no_ema: Annotated[bool, typer.Option("--no-ema", help="use raw weights even if EMA weights exist")] = False,
 ) -> None:
-    """Super-resolve LR faces with given or retrieved references."""
-    from .infer import infer as run_infer
+    """Super-resolve LR faces (or the faces of whole photos) with given or retrieved references."""
+    from .infer import InferConfig, infer as run_infer
 
-    paths, rate = _run(run_infer, checkpoint, lr, refs or [], out_dir, device, batch_size,
-                       library=library, detect=detect, num_refs=num_refs, weights=weights)
-    out.print(f"{len(paths)} SR image(s) written to {out_dir} ({rate:.1f} faces/s)")
+    if (all_faces or upscale) and not detect:
+        raise typer.BadParameter("--all-faces and --upscale need --detect")
+    cfg = InferConfig(checkpoint=checkpoint, inputs=tuple(lr), out_dir=out_dir, refs=tuple(refs or ()), library=library,
+                      num_refs=num_refs, weights=weights, detect=detect, all_faces=all_faces, margin=margin,
+                      upscale=upscale, non_square=non_square.value, grid=grid, overwrite=overwrite, device=device,
+                      batch_size=batch_size, use_ema=not no_ema)
+    rec = _run(run_infer, cfg, _note)
+    faces = [f for i in rec["inputs"] for f in i.get("faces", [])]
+    skipped = sum(i["status"] == "skipped" for i in rec["inputs"])
+    out.print(f"{len(faces)} SR face(s) x{rec['scale']} written under {out_dir} ({rec['faces_per_s']:.1f} faces/s)"
+              + (f"; {skipped} photo(s) without a face skipped" if skipped else ""), soft_wrap=True)
+    restored = [i["restored"] for i in rec["inputs"] if i.get("restored")]
+    if restored:
+        out.print(f"restored photo(s): {restored[0]}" + (f" and {len(restored) - 1} more" if len(restored) > 1 else ""),
+                  soft_wrap=True)
+    for g in rec["grids"]:
+        out.print(f"grid: {g}", soft_wrap=True)
+    out.print(f"record: {out_dir / 'infer.json'}", soft_wrap=True)
 
 
 @app.command()
@@ -161,7 +200,7 @@ def list_cmd() -> None:
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader logs every fallback at INFO
-    app()
+    run_app(app, "model")
 
 
 if __name__ == "__main__":

@@ -108,6 +108,7 @@ def evaluate(
     from .train import pick_device
 
     ck = load_checkpoint(checkpoint)
+    checkpoint = ck.path  # a run folder stands for its best (else last) checkpoint
     dev = pick_device(device)
     model = model_from_checkpoint(ck, use_ema).to(dev)
     k = num_refs if num_refs is not None else ck.meta.get("config", {}).get("num_refs", 4)
@@ -122,7 +123,10 @@ def evaluate(
 
         pages = EvalReport(out_dir / "report", ds)
     rows, summary = evaluate_dataset(model, ds, dev, batch_size, visit=pages.add if pages else None)
-    summary.update({"checkpoint": str(checkpoint), "manifest": str(manifest), "model": ck.meta["model"]})
+    from refbuild.io import provenance
+
+    summary.update({"checkpoint": str(Path(checkpoint).resolve()), "manifest": str(Path(manifest).resolve()),
+                    "model": ck.meta["model"], "use_ema": use_ema, "device": str(dev), "provenance": provenance()})
     tmp = out_dir / "per_image.csv.tmp"
     with open(tmp, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=list(rows[0]))

@@ -373,3 +373,9 @@ def msrnet2_tiny_x8(**kwargs: Any) -> MSRNet2:
 def msrnet2_tiny_x16(**kwargs: Any) -> MSRNet2:
     """C=16, one block per level: for tests. 16 -> 256."""
     return _create("msrnet2_tiny_x16", 16, _TINY[16], **kwargs)
+
+
+@register_model
+def msrnet2_noref_tiny_x8(**kwargs: Any) -> MSRNet2:
+    """msrnet2_tiny_x8 without the reference path: the tiny twin, for tests and CPU smoke runs of Table 1."""
+    return _create("msrnet2_noref_tiny_x8", 8, {**_TINY[8], "use_refs": False}, **kwargs)

@@ -22,7 +22,7 @@ def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
 
 def _ensure_loaded() -> None:
     # Variants register themselves on import of their family file.
-    from . import msrnet, msrnet2  # noqa: F401
+    from . import msrnet, msrnet2, sparnet, swinir  # noqa: F401
 
 
 def list_models(pattern: str = "*") -> list[str]:

@@ -63,8 +63,31 @@ class MetricsLogger:
             self._tb.close()
 
 
+def labelled_grid(rows: list[list[Image.Image | None]], labels: list[str], tile: int) -> Image.Image:
+    """Tiles (resized to tile x tile; None: left grey) in rows, under a header of column labels."""
+    from PIL import ImageDraw
+
+    header = 14
+    cols = max([len(labels)] + [len(r) for r in rows])
+    grid = Image.new("RGB", (cols * tile, header + len(rows) * tile), (128, 128, 128))
+    draw = ImageDraw.Draw(grid)
+    draw.rectangle((0, 0, grid.width, header - 1), fill=(255, 255, 255))
+    for c, text in enumerate(labels):
+        draw.text((c * tile + 3, 1), text, fill=(0, 0, 0))
+    for r, row in enumerate(rows):
+        for c, im in enumerate(row):
+            if im is not None:
+                grid.paste(im if im.size == (tile, tile) else im.resize((tile, tile), Image.BICUBIC),
+                           (c * tile, header + r * tile))
+    return grid
+
+
+def _pil(x: torch.Tensor) -> Image.Image:
+    return Image.fromarray(x.float().cpu().clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).numpy())
+
+
 def sample_grid(lr: torch.Tensor, refs: torch.Tensor, sr: torch.Tensor, hr: torch.Tensor, n: int = 4) -> Image.Image:
-    """Rows of LR (nearest) | bicubic | refs... | SR | HR, all at HR size.
+    """Rows of LR (nearest) | bicubic | refs... | SR | HR, all at HR size, under column labels.
 
     Args:
         lr: B, 3, 16, 16; refs: B, M, 3, R, R; sr, hr: B, 3, S, S; all [0, 1].
@@ -78,6 +101,6 @@ def sample_grid(lr: torch.Tensor, refs: torch.Tensor, sr: torch.Tensor, hr: torc
         ]
         tiles += [F.interpolate(r[None], size=S, mode="bicubic", align_corners=False) for r in refs[i]]
         tiles += [sr[i : i + 1], hr[i : i + 1]]
-        rows.append(torch.cat([t.float().cpu().clamp(0, 1) for t in tiles], dim=-1))  # 1, 3, S, S*k
-    grid = torch.cat(rows, dim=-2)[0]  # 3, S*n, S*k
-    return Image.fromarray(grid.mul(255).round().byte().permute(1, 2, 0).numpy())
+        rows.append([_pil(t[0]) for t in tiles])
+    m = refs.shape[1]
+    return labelled_grid(rows, ["LR", "bicubic", *(f"ref {k + 1}" for k in range(m)), "SR", "HR"], S)

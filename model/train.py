@@ -155,6 +155,12 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, device: torch.device) -
     model = create_model(cfg.model, **model_kwargs).to(device, memory_format=torch.channels_last)  # faster convs, CPU too
     ds = ManifestDataset(cfg.manifest, model.scale, cfg.num_refs, cfg.refs, cfg.data_root, cfg.flip, cfg.seed,
                          jitter=cfg.jitter)
+    if cfg.data_root is None:  # a moved library (--data-root) cannot be checked against the files it was made from
+        from refbuild.stale import stale_reason
+
+        for path in (cfg.manifest, cfg.val_manifest):
+            if path is not None and (why := stale_reason(Path(path))) is not None:
+                raise MsrError(why)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     ema = Ema(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
     step, best = 0, float("inf")
@@ -183,8 +189,17 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, device: torch.device) -
     logger = None
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(run_dir / "config.json", {**cfg.to_json(), "model_kwargs": model_kwargs,
-                                                    "scale": model.scale, "world_size": info.world_size})
+        from refbuild.io import provenance
+
+        write_json_atomic(run_dir / "config.json", {
+            **{k: (str(Path(v).resolve()) if isinstance(v, Path) else v) for k, v in cfg.to_json().items()
+               if k not in ("manifest", "val_manifest", "runs_dir", "data_root")},
+            **{k: (str(Path(getattr(cfg, k)).resolve()) if getattr(cfg, k) is not None else None)
+               for k in ("manifest", "val_manifest", "runs_dir", "data_root")},
+            "model_kwargs": model_kwargs, "scale": model.scale, "world_size": info.world_size,
+            "used": {"device": str(device), "precision": precision, "workers": cfg.workers,
+                     "torch_threads": torch.get_num_threads()},
+            "provenance": provenance()})
         logger = MetricsLogger(run_dir, ["step", "loss", "lr", "samples_per_s", "val_psnr_y"])
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
@@ -204,10 +219,14 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, device: torch.device) -
             model.train()
         else:  # no validation set: best = lowest mean training loss since the last checkpoint
             score = sum(losses[-cfg.ckpt_every:]) / len(losses[-cfg.ckpt_every:])
-        if score < best:
+        improved = score < best
+        if improved:
             best = score
             checkpoint("best", score)
         checkpoint("last", score)
+        if val is not None:  # as it goes: a run that stalls shows it at the first checkpoints, not at the end
+            print(f"step {step}: val PSNR-Y {-score:.2f} dB (bicubic {summary['bicubic']['psnr_y']:.2f}, "
+                  f"best {-best:.2f}{', new best' if improved else ''})", flush=True)
 
     from .progress import train_progress
 

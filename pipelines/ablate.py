@@ -15,7 +15,7 @@ matched - random and matched - none are >= 0.2 dB PSNR-Y (crop = scale) with the
 averaged over the seeds per face before differencing (the spread over seeds is reported too).
 
     python -m pipelines.ablate --checkpoint weights/msrnet2_x8.safetensors \\
-        --manifest data_manifests/LIB/test.parquet --seeds 0,1,2 --out ablation/
+        --manifest LIB/manifests/NAME/test.parquet --seeds 0,1,2 --out ablation/
 """
 from __future__ import annotations
 

@@ -5,8 +5,8 @@ test split (PSNR/SSIM, Y and RGB, bicubic beside), and writes a JSON of all
 figures plus Markdown tables. The grid and budget are options, so the same
 recipe is a small CPU run here and the full protocol on a GPU:
 
-    python -m pipelines.paper_tables --manifests data_manifests/celeba_facecrops \
-        --lr-view-manifests data_manifests/celeba_facecrops_lr --steps 300 --model-size tiny
+    python -m pipelines.paper_tables --manifests LIB/manifests/celeba_facecrops \
+        --lr-view-manifests LIB/manifests/celeba_facecrops_lr --steps 300 --model-size tiny
 """
 from __future__ import annotations
 

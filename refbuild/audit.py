@@ -13,9 +13,12 @@ from pathlib import Path
 import numpy as np
 
 from data_manifests import ManifestError, metadata, read_table
+from refbuild.dupes import library_photo_keys
+from refbuild.errors import RefbuildError
 from refbuild.io import sha256_file
 from refbuild.library import Library
 from refbuild.pair import DUP_EPS
+from refbuild.stale import stale_reason
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,10 @@ def audit_library(lib: Library, hashes: bool, checks: list[Check]) -> dict:
         return info
     rows = faces.to_pylist()
     info["faces"] = {r["face_id"]: r for r in rows}
+    try:  # near-duplicate photos (refbuild.dupes): a re-encoding is the same photo
+        info["photo"] = dict(zip((r["face_id"] for r in rows), library_photo_keys([(lib, [r["crop_path"] for r in rows])])[0]))
+    except RefbuildError:  # a crop missing or unreadable: "crop files present" reports it
+        info["photo"] = {}
     c = Check("face ids unique", len(rows))
     dup = [f for f, n in _count(r["face_id"] for r in rows).items() if n > 1]
     c.violations += [f"face_id {f} appears more than once" for f in dup]
@@ -131,8 +138,14 @@ def _check_refs(pairs: list[dict], info: dict, meta: dict, checks: list[Check], 
     c_id = Check("references are other identities", 0)
     c_dup = Check("references are not the same photo", 0)
     c_pool = Check(f"references come from the pool ({meta.get('pool', '?')})", 0)
+    photo = info.get("photo", {})
+    c_one = Check("no two references of one photo (near-duplicates included)", 0)
     for p in pairs:
         q = faces.get(p["query_face_id"]) if p["query_library"] == "self" else None
+        c_one.checked += 1
+        keys = [photo.get(f) for f in p["ref_face_ids"] if photo.get(f) is not None]
+        if len(set(keys)) < len(keys):
+            c_one.fail(f"{p['query_face_id']}: two of its references {p['ref_face_ids']} are one photo")
         for fid, ident, d in zip(p["ref_face_ids"], p["ref_identities"], p["ref_distances"]):
             ref = faces.get(fid)
             c_id.checked += 1
@@ -143,11 +156,41 @@ def _check_refs(pairs: list[dict], info: dict, meta: dict, checks: list[Check], 
                 continue
             if p["query_identity"] is not None and ref["identity"] == p["query_identity"]:
                 c_id.fail(f"{p['query_face_id']}: reference {fid} has the same identity {ident}")
-            if (q is not None and ref["src_sha256"] == q["src_sha256"]) or d <= dim_eps:
+            near = q is not None and photo.get(fid) is not None and photo.get(fid) == photo.get(q["face_id"])
+            if (q is not None and ref["src_sha256"] == q["src_sha256"]) or d <= dim_eps or near:
                 c_dup.fail(f"{p['query_face_id']}: reference {fid} is the same photo (distance {d:.3g})")
             if meta.get("pool") == "train" and split.get(fid) != "train":
                 c_pool.fail(f"{p['query_face_id']}: reference {fid} is in split {split.get(fid)}, not train (leak)")
-    checks += [c_id, c_dup, c_pool]
+    checks += [c_id, c_dup, c_pool, c_one]
+
+
+def audit_stale(lib: Library, checks: list[Check], manifests: list[Path]) -> None:
+    """Every output whose recorded inputs changed since it was made (a re-split, a re-embed)."""
+    c = Check("no stale stage (inputs unchanged since each output was made)", 0)
+    for path in [lib.splits, lib.features("hr"), lib.features("lr"), lib.pairs]:
+        if path.is_file():
+            c.checked += 1
+            if (why := stale_reason(path, lib.root)) is not None:
+                c.fail(why)
+    for path in manifests:
+        if path.is_file():
+            c.checked += 1
+            if (why := stale_reason(path)) is not None:
+                c.fail(why)
+    checks.append(c)
+
+
+def audit_owner(path: Path, lib: Library, checks: list[Check]) -> None:
+    """The manifest was made from this library (its references are this library's faces)."""
+    c = Check(f"{path.parent.name}/{path.name}: made from this library", 1)
+    try:
+        meta = metadata(path)
+    except Exception:
+        return  # reported by the schema check
+    if meta.get("ref_root") != str(lib.root.resolve()):
+        c.fail(f"{path}: made from library {meta.get('ref_root')!r}, not {lib.root.resolve()}; audit it with that "
+               "library, or rerun `refbuild pair` for this one")
+    checks.append(c)
 
 
 def audit_manifest(path: Path, checks: list[Check], holdout_ids: set[str], train_ids: set[str]) -> None:
@@ -155,7 +198,12 @@ def audit_manifest(path: Path, checks: list[Check], holdout_ids: set[str], train
     if t is None:
         return
     meta = metadata(path)
+    cross = meta.get("hr_root") != meta.get("ref_root")
     rows = t.to_pylist()
+    c_s = Check(f"{path.parent.name}/{path.name}: every row of split {meta.get('split')!r}", len(rows))
+    c_s.violations += [f"{r['face_id']}: split {r['split']!r} in a manifest of split {meta.get('split')!r}"
+                       for r in rows if r["split"] != meta.get("split")]
+    checks.append(c_s)
     try:
         m = int(meta.get("m", "0"))
     except ValueError:
@@ -193,7 +241,7 @@ def audit_manifest(path: Path, checks: list[Check], holdout_ids: set[str], train
                 c_l.fail(f"{r['face_id']}: reference identity {ident} is a val/test identity")
         if r["split"] == "train" and r["identity"] in holdout_ids:
             c_l.fail(f"{r['face_id']}: train row of val/test identity {r['identity']}")
-        if r["split"] in ("val", "test") and r["identity"] is not None and r["identity"] in train_ids:
+        if r["split"] in ("val", "test") and r["identity"] is not None and r["identity"] in train_ids and not cross:
             c_l.fail(f"{r['face_id']}: {r['split']} row of train identity {r['identity']}")
     checks += [c_m, c_f, c_l, c_i]
 
@@ -209,18 +257,36 @@ def run(cfg: AuditConfig) -> list[Check]:
         except (ValueError, AttributeError, TypeError) as e:
             checks.append(Check("pair.config.json readable", 1, [f"{lib.config('pair')}: not the JSON `pair` wrote ({e}); "
                                                                  "rerun `refbuild pair` or pass --manifest"]))
+    if cfg.manifests is None:  # and every manifest the library holds (LIB/manifests/<name>/)
+        seen = {p.resolve() for p in manifests}
+        manifests += [p for p in sorted((lib.root / "manifests").glob("*/*.parquet"))
+                      if p.stem in ("train", "val", "test") and p.resolve() not in seen]
+    audit_stale(lib, checks, manifests)
     idents = defaultdict(set)
     for path in manifests:
         try:
+            if _is_cross(path):
+                continue  # another library's labels name other people: only references are checked
             for r in read_table(path, "training_manifest", columns=["identity", "split"]).to_pylist():
                 if r["identity"] is not None:
                     idents[r["split"]].add(r["identity"])
-        except ManifestError:
+        except (ManifestError, OSError):
             pass  # reported by audit_manifest
     holdout = idents["val"] | idents["test"]
     for path in manifests:
+        if path.is_file():
+            audit_owner(path, lib, checks)
         audit_manifest(path, checks, holdout, idents["train"])
     return checks
+
+
+def _is_cross(path: Path) -> bool:
+    """A manifest of another library's queries (`pair --queries`)."""
+    try:
+        meta = metadata(path)
+    except Exception:
+        return False
+    return meta.get("hr_root") != meta.get("ref_root")
 
 
 def _count(items) -> dict:

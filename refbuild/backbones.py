@@ -62,7 +62,9 @@ def load_vggface_state(path: Path, expected_sha256: str | None = None) -> tuple[
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise RefbuildError(f"{path}: not a loadable weights file ({type(e).__name__}: {e})") from None
+        # torch's own message advises weights_only=False, which would run the file's code: never pass it on
+        raise RefbuildError(f"{path}: not a loadable weights file ({type(e).__name__}); give vgg_face_dag.pth "
+                            "(a plain dict of tensors), or use --backbone pixels") from None
     if isinstance(raw, dict) and "state_dict" in raw:
         raw = raw["state_dict"]
     conv_idx = [i for i, m in enumerate(vgg16_features()) if isinstance(m, nn.Conv2d)]

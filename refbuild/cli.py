@@ -17,6 +17,7 @@ import typer
 from rich.markup import escape
 
 from data_manifests import ManifestError
+from refbuild.cliutil import version_callback
 from refbuild.errors import RefbuildError
 from refbuild.progress import console
 
@@ -48,6 +49,13 @@ def _check_engine(engine: str, workers: int) -> None:
         raise typer.BadParameter(f"--engine is local or ray, not {engine!r}")
     if workers < 0:
         raise typer.BadParameter("--workers must be 0 (auto) or more")
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option("--version", callback=version_callback, is_eager=True, help="Print the version and exit.")] = False,
+) -> None:
+    """Build a reference library for MSRNet: detect -> embed -> split -> pair, then query and audit."""
 
 
 def _fail(e: Exception) -> None:
@@ -147,6 +155,8 @@ def split(
     counts: Annotated[Optional[str], typer.Option(help="train,val,test face counts instead of ratios; the rest is 'unused'.")] = None,
     seed: Annotated[int, typer.Option()] = 0,
     unlabeled: Annotated[str, typer.Option(help="Faces without identity: singleton (each photo its own identity) or exclude.")] = "singleton",
+    allow_empty: Annotated[bool, typer.Option("--allow-empty", help="Let a split with a non-zero share end with no face (else an error).")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace a split made with other settings (its manifests go stale: rerun pair).")] = False,
     quiet: Quiet = False,
 ) -> None:
     """Identity-disjoint train/val/test split into splits.parquet."""
@@ -157,7 +167,7 @@ def split(
     cnt = _floats(counts, 3, "--counts")
     try:
         run(SplitConfig(lib=lib, ratios=_floats(ratios, 3, "--ratios"), counts=tuple(int(c) for c in cnt) if cnt else None,
-                        seed=seed, unlabeled=unlabeled, quiet=quiet))
+                        seed=seed, unlabeled=unlabeled, allow_empty=allow_empty, overwrite=overwrite, quiet=quiet))
     except (RefbuildError, ManifestError) as e:
         _fail(e)
 
@@ -166,12 +176,12 @@ def split(
 def pair(
     lib: Lib,
     m: Annotated[int, typer.Option("-m", help="References per query (paper: 4 best, 5 stored).")] = 4,
-    queries: Annotated[Optional[Path], typer.Option(help="Pair the faces of this other library against LIB.")] = None,
+    queries: Annotated[Optional[Path], typer.Option(help="Pair the faces of this other library against LIB: a separate output, MANIFEST_DIR/<name>/ with its own pairs.parquet and pair.config.json; LIB's own pairing stays.")] = None,
     query_view: Annotated[str, typer.Option(help="hr (paper) or lr (match on the query's own degraded view).")] = "hr",
     pool: Annotated[str, typer.Option(help="train (leak-free, default) or all (the paper's whole library).")] = "train",
     layer_weights: Annotated[Optional[str], typer.Option(help="One weight per layer for Eq. 2, e.g. 1,1,1.")] = None,
-    name: Annotated[Optional[str], typer.Option(help="Manifest name (default: the library folder's name).")] = None,
-    manifest_dir: Annotated[Path, typer.Option(help="Where data_manifests/<name>/ goes.")] = Path("data_manifests"),
+    name: Annotated[Optional[str], typer.Option(help="Manifest name (default: the library folder's name; with --queries, the query library's).")] = None,
+    manifest_dir: Annotated[Optional[Path], typer.Option(help="Where <name>/{train,val,test}.parquet go (default: LIB/manifests).")] = None,
     pool_chunk: Annotated[int, typer.Option(help="Search the pool this many rows at a time and merge (0: one index); bounds memory.")] = 0,
     device: Device = "auto",
     overwrite: Overwrite = False,
@@ -283,5 +293,7 @@ def report(
 
 
 def main() -> None:
+    from refbuild.cliutil import run_app
+
     os.environ.setdefault("KMP_DUPLICATE_LIB_OK", "TRUE")  # faiss and torch both ship OpenMP
-    app()
+    run_app(app, "refbuild")

@@ -23,7 +23,7 @@ from data_manifests import FACES, REJECTS, read_table
 from refbuild import shards
 from refbuild.errors import RefbuildError
 from refbuild.images import BadImage, Decoded, list_images, read_and_decode
-from refbuild.io import config_dict, library_lock, outputs_together, write_bytes, write_json, write_table
+from refbuild.io import config_dict, library_lock, outputs_together, resolved_config, write_bytes, write_json, write_table
 from refbuild.library import Library
 from refbuild.progress import bar, summary
 from pipelines.runners import Runner, make_runner, resolve_workers
@@ -89,9 +89,8 @@ def read_labels(cfg: DetectConfig) -> dict[str, str]:
 def identity_of(rel: str, labels: dict[str, str], cfg: DetectConfig) -> str | None:
     if cfg.identity_from == "csv":
         return labels.get(rel) or None
-    if cfg.identity_from == "folder":
-        parent = Path(rel).parent.as_posix()
-        return None if parent == "." else parent
+    if cfg.identity_from == "folder":  # the photo's own folder; one directly in SRC has none
+        return Path(rel).parent.name or None
     return None
 
 
@@ -185,6 +184,8 @@ def process_shard(rels: list[str], cfg: DetectConfig, labels: dict[str, str], de
 
 def plan(cfg: DetectConfig) -> tuple[list[str], list[dict], dict[str, str]]:
     """The sorted list of images to process, the rejects known before any decoding, and the labels."""
+    if cfg.src.is_file():
+        raise RefbuildError(f"{cfg.src}: a file, not a folder; give the folder that holds the photos (searched recursively)")
     if not cfg.src.is_dir():
         raise RefbuildError(f"{cfg.src}: source folder not found")
     rels, outside = list_images(cfg.src)
@@ -237,7 +238,7 @@ def run(cfg: DetectConfig, runner: Runner | None = None) -> dict:
     lib = Library(cfg.out)
     with library_lock(lib.root, "detect"):
         wdir = shards.work_dir(lib.root, "detect")
-        shards.prepare(wdir, cfg.fingerprint() | {"n_images": len(rels)}, cfg.overwrite)
+        shards.prepare(wdir, cfg.fingerprint(), cfg.overwrite, inputs={"n_images": len(rels)})
         parts = shards.chunks(len(rels), cfg.shard_size)
         todo = [i for i in range(len(parts)) if not shards.is_done(wdir, i)]
         t0 = time.perf_counter()
@@ -257,7 +258,10 @@ def run(cfg: DetectConfig, runner: Runner | None = None) -> dict:
         with outputs_together():  # a full disk leaves the library as it was
             write_table(lib.rejects, rejects, "rejects")
             write_table(lib.faces, faces, "faces", {"src_root": str(cfg.src.resolve())})
-            write_json(lib.config("detect"), config_dict(cfg) | {"n_images": len(rels)})
+            from refbuild.detector import resolve_device
+
+            write_json(lib.config("detect"), resolved_config(cfg, device=resolve_device(cfg.device) if not cfg.aligned else "none (--aligned)",
+                                                              workers=workers, engine=cfg.engine) | {"n_images": len(rels)})
         shards.finish(wdir)
         for old in lib.crops.iterdir() if lib.crops.is_dir() else []:
             if old.is_dir() and old.name != crop_key(cfg):  # crops of an earlier configuration

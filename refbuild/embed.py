@@ -26,9 +26,10 @@ from data_manifests import features_schema, read_table
 from refbuild import shards
 from refbuild.backbones import PAPER_LAYERS, Backbone, build_backbone
 from refbuild.errors import RefbuildError
-from refbuild.io import config_dict, library_lock, outputs_together, write_json, write_table
+from refbuild.io import config_dict, library_lock, outputs_together, resolved_config, write_json, write_table
 from refbuild.library import Library
 from refbuild.progress import bar, summary
+from refbuild.stale import fingerprints, stamp
 from pipelines.runners import Runner, make_runner, resolve_workers
 
 RUNTIME_FIELDS = ("device", "batch_size", "quiet", "overwrite", "weights", "workers", "engine")
@@ -154,17 +155,20 @@ def run(cfg: EmbedConfig, runner: Runner | None = None) -> dict:
         "layer_norm": cfg.layer_norm, "lr_scale": str(cfg.lr_scale), "dim": str(dim),
         "precision": resolve_precision(cfg.precision, device),
     }
+    inputs = fingerprints(lib.root, [lib.faces])
+    meta |= stamp(inputs, f"refbuild embed {{lib}} --backbone {cfg.backbone} --views {','.join(cfg.views)}")
     stats: dict = {"faces": len(ids), "dim": dim, "backbone": backbone.name, "weights": backbone.note, "precision": meta["precision"]}
     t0 = time.perf_counter()
     processed = 0
-    runner = runner or make_runner(cfg.engine, resolve_workers(cfg.workers, cfg.device, cfg.backbone == "vggface"))
+    runner_workers = resolve_workers(cfg.workers, cfg.device, cfg.backbone == "vggface")
+    runner = runner or make_runner(cfg.engine, runner_workers)
     with library_lock(lib.root, "embed"):
         for view in cfg.views:
             wdir = shards.work_dir(lib.root, f"embed-{view}")
-            fp = config_dict(cfg) | {"view": view, "weights_id": backbone.weights_id, "n_faces": len(ids), "grid": grid}
+            fp = config_dict(cfg) | {"view": view, "weights_id": backbone.weights_id, "grid": grid}
             for k in RUNTIME_FIELDS + ("views", "lib"):
                 fp.pop(k, None)
-            shards.prepare(wdir, fp, cfg.overwrite)
+            shards.prepare(wdir, fp, cfg.overwrite, inputs=inputs)
             parts = shards.chunks(len(ids), cfg.shard_size)
             tasks = [(i, [ids[j] for j in r], [paths[j] for j in r]) for i, r in enumerate(parts) if not shards.is_done(wdir, i)]
             with bar(cfg.quiet) as prog:
@@ -179,7 +183,7 @@ def run(cfg: EmbedConfig, runner: Runner | None = None) -> dict:
                 table = pa.concat_tables([read_table(shards.shard_file(wdir, i, "features"), "features") for i in range(n_parts)])
                 write_table(lib.features(view), table, "features", meta | {"view": view})
                 del table
-            write_json(lib.config("embed"), config_dict(cfg) | {"grid": grid, "dim": dim, "weights_id": backbone.weights_id, "note": backbone.note})
+            write_json(lib.config("embed"), resolved_config(cfg, device=str(device), workers=runner_workers, engine=cfg.engine) | {"grid": grid, "dim": dim, "weights_id": backbone.weights_id, "note": backbone.note})
         for view in cfg.views:
             shards.finish(shards.work_dir(lib.root, f"embed-{view}"))
     elapsed = time.perf_counter() - t0

@@ -14,6 +14,7 @@ import json
 import os
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -119,6 +120,37 @@ def config_dict(cfg: Any) -> dict[str, Any]:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items()}
 
 
+def provenance() -> dict[str, Any]:
+    """What made an output: msrface version, git commit (in a checkout), Python and torch versions."""
+    import platform
+    import subprocess
+
+    from refbuild.cliutil import package_version
+
+    commit = None
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
+                             text=True, timeout=5)
+        commit = out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        import torch
+
+        torch_version = torch.__version__
+    except ImportError:
+        torch_version = None
+    return {"msrface_version": package_version(), "git_commit": commit, "python": platform.python_version(),
+            "torch": torch_version}
+
+
+def resolved_config(cfg: Any, **used: Any) -> dict[str, Any]:
+    """A stage's config as it truly ran: absolute paths, the values actually used (`used`:
+    device, workers, ...) and `provenance()`, for `LIB/<stage>.config.json`."""
+    d = {k: (str(Path(v).resolve()) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()}
+    return d | {"used": used, "provenance": provenance()}
+
+
 def remove_orphan_temps(folder: Path, recursive: bool = False) -> int:
     """Delete temp files a killed run left behind in `folder` (and below it if `recursive`)."""
     n = 0
@@ -142,8 +174,13 @@ def library_lock(lib: Path, stage: str) -> Iterator[None]:
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
+            holder = ""
+            for _ in range(20):  # the holder writes its name right after taking the lock: give it a moment
+                f.seek(0)
+                if holder := f.read().strip():
+                    break
+                time.sleep(0.05)
+            holder = holder or "another process"
             raise RefbuildError(
                 f"{lib}: library is locked by {holder}; wait for it to finish (or kill it) and rerun"
             ) from None

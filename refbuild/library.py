@@ -39,7 +39,8 @@ class Library:
 
     def require(self, path: Path, stage: str) -> Path:
         if not path.is_file():
-            raise RefbuildError(f"{path}: missing; run `refbuild {stage} {self.root}` first")
+            cmd = f"refbuild detect PHOTOS/ --out {self.root}" if stage == "detect" else f"refbuild {stage} {self.root}"
+            raise RefbuildError(f"{path}: missing; run `{cmd}` first")
         return path
 
     def safe_path(self, rel: str) -> Path:

@@ -24,11 +24,13 @@ import pyarrow as pa
 
 from data_manifests import PAIRS, TRAINING_MANIFEST, metadata, read_table
 from refbuild import shards
+from refbuild.dupes import library_photo_keys
 from refbuild.errors import RefbuildError
 from refbuild.knn import L1Index
-from refbuild.io import config_dict, library_lock, outputs_together, remove_orphan_temps, sha256_file, write_json, write_table
+from refbuild.io import library_lock, outputs_together, remove_orphan_temps, resolved_config, write_json, write_table
 from refbuild.library import Library
 from refbuild.progress import bar, summary
+from refbuild.stale import fingerprints, stamp
 
 DUP_EPS = 1e-4  # distances below this (per dimension, mean) count as the same photo
 
@@ -41,8 +43,8 @@ class PairConfig:
     query_view: Literal["hr", "lr"] = "hr"
     pool: Literal["train", "all"] = "train"  # train: leak-free; all: the paper's whole library
     layer_weights: tuple[float, ...] | None = None  # one per layer; default all 1
-    name: str | None = None  # manifest name; default: the library folder's name
-    manifest_dir: Path = Path("data_manifests")
+    name: str | None = None  # manifest name; default: the library's folder name (with --queries: the query library's)
+    manifest_dir: Path | None = None  # default: LIB/manifests, so manifests belong to their library
     query_chunk: int = 2048
     pool_chunk: int = 0  # pool rows searched at a time, top-k lists merged (0: all at once); bounds GPU memory
     device: str = "auto"
@@ -63,6 +65,7 @@ class Side:
     crop: list[str]
     feats: np.ndarray  # N, D float32
     meta: dict[str, str]
+    photo: list[str] | None = None  # near-duplicate key per face (refbuild.dupes), set by `run`
 
 
 def load_side(lib: Library, view: str, need_splits: bool) -> Side:
@@ -118,7 +121,8 @@ def search_chunk(index: L1Index, q: np.ndarray, qi: list[int], query: Side, pool
             p = int(pool_rows[j])
             same_person = (query.identity[i] is not None and pool.identity[p] == query.identity[i]) or (
                 not cross and query.group[i] is not None and pool.group[p] == query.group[i])
-            if d <= eps or pool.sha[p] == query.sha[i] or same_person:
+            if d <= eps or pool.sha[p] == query.sha[i] or same_person or pool.photo[p] == query.photo[i] \
+                    or pool.photo[p] in {pool.photo[c] for c, _ in chosen}:  # the query's photo, or one already given
                 continue
             chosen.append((p, float(d)))
             if len(chosen) == m:
@@ -142,10 +146,43 @@ def search_chunk(index: L1Index, q: np.ndarray, qi: list[int], query: Side, pool
     return rows
 
 
-def write_manifests(pairs: pa.Table, query: Side, pool: Side, cfg: PairConfig, meta: dict[str, str]) -> dict[str, Path]:
-    name = cfg.name or cfg.lib.resolve().name
-    out_dir = cfg.manifest_dir / name
-    remove_orphan_temps(out_dir)  # left by a killed run; the library lock does not cover this folder
+def manifest_folder(cfg: PairConfig, cross: bool) -> Path:
+    """Where this pairing's manifests go: MANIFEST_DIR/<name>/, by default LIB/manifests/<name>/."""
+    name = cfg.name or (cfg.queries if cross else cfg.lib).resolve().name
+    return (cfg.manifest_dir if cfg.manifest_dir is not None else cfg.lib / "manifests") / name
+
+
+def check_owner(out_dir: Path, hr_root: str, ref_root: str) -> None:
+    """Refuse to overwrite manifests that another library (or another query library) made."""
+    for split in ("train", "val", "test"):
+        p = out_dir / f"{split}.parquet"
+        if not p.is_file():
+            continue
+        try:
+            meta = metadata(p)
+        except Exception:  # unreadable: ours to replace
+            continue
+        if (meta.get("hr_root"), meta.get("ref_root")) != (hr_root, ref_root):
+            raise RefbuildError(f"{p}: made from library {meta.get('ref_root')} (queries from {meta.get('hr_root')}), "
+                                f"not {ref_root} (queries from {hr_root}); pick another --name or --manifest-dir")
+
+
+def pair_command(cfg: PairConfig, cross: bool, manifest_dir: bool) -> str:
+    """The command that remakes this pairing (`{lib}`: the library's folder, see refbuild.stale)."""
+    cmd = f"refbuild pair {{lib}} -m {cfg.m} --pool {cfg.pool} --query-view {cfg.query_view}"
+    if cross:
+        cmd += f" --queries {cfg.queries.resolve()}"
+    if cfg.layer_weights:
+        cmd += " --layer-weights " + ",".join(str(w) for w in cfg.layer_weights)
+    if cfg.name:
+        cmd += f" --name {cfg.name}"
+    if manifest_dir and cfg.manifest_dir is not None:
+        cmd += f" --manifest-dir {cfg.manifest_dir.resolve()}"
+    return cmd
+
+
+def write_manifests(pairs: pa.Table, query: Side, pool: Side, cfg: PairConfig, meta: dict[str, str],
+                    out_dir: Path, cross: bool) -> dict[str, Path]:
     crop_of_q = dict(zip(query.face_ids, query.crop))
     crop_of_p = dict(zip(pool.face_ids, pool.crop))
     rows = pairs.to_pylist()
@@ -159,7 +196,10 @@ def write_manifests(pairs: pa.Table, query: Side, pool: Side, cfg: PairConfig, m
         } for r in sel], schema=TRAINING_MANIFEST)
         path = out_dir / f"{split}.parquet"
         write_table(path, t, "training_manifest", meta | {
-            "hr_root": str(query.lib.root.resolve()), "ref_root": str(pool.lib.root.resolve()), "m": str(cfg.m), "split": split})
+            "hr_root": str(query.lib.root.resolve()), "ref_root": str(pool.lib.root.resolve()), "m": str(cfg.m), "split": split,
+            "command": pair_command(cfg, cross, manifest_dir=True),
+            "inputs": json.dumps({str((pool.lib.root / k).resolve()): v for k, v in json.loads(meta["inputs"]).items()}
+                                 | json.loads(meta.get("query_inputs", "{}")), sort_keys=True)})
         written[split] = path
     return written
 
@@ -176,6 +216,10 @@ def run(cfg: PairConfig) -> dict:
         if query.meta.get(key) != pool_side.meta.get(key):
             raise RefbuildError(f"{query.lib.features(cfg.query_view)}: {key} differs from {lib.features('hr')}; "
                                 "embed both with the same backbone, weights and options")
+    if cross:
+        pool_side.photo, query.photo = library_photo_keys([(lib, pool_side.crop), (query.lib, query.crop)])
+    else:
+        pool_side.photo = query.photo = library_photo_keys([(lib, pool_side.crop)])[0]
     pool_rows = np.array([i for i, s in enumerate(pool_side.split) if cfg.pool == "all" or s == "train"], dtype=np.int64)
     q_rows = [i for i, s in enumerate(query.split) if s != "unused"]
     if len(pool_rows) == 0:
@@ -184,19 +228,24 @@ def run(cfg: PairConfig) -> dict:
     pool_mat = np.ascontiguousarray(pool_side.feats[pool_rows] * w)
     group_sizes: dict = {}
     for p in pool_rows:
-        for key in (("g", pool_side.group[p]), ("i", pool_side.identity[p]), ("s", pool_side.sha[p])):
+        for key in (("g", pool_side.group[p]), ("i", pool_side.identity[p]), ("s", pool_side.sha[p]), ("p", pool_side.photo[p])):
             if key[1] is not None:
                 group_sizes[key] = group_sizes.get(key, 0) + 1
     k0 = cfg.m + 2 * max(group_sizes.values(), default=0) + 8
-    fingerprint = config_dict(cfg) | {
-        "pool_features": sha256_file(lib.features("hr")), "query_features": sha256_file(query.lib.features(cfg.query_view)),
-        "splits": sha256_file(lib.splits) if lib.splits.is_file() else None}
-    for k in ("device", "quiet", "overwrite", "name", "manifest_dir", "lib", "pool_chunk"):
-        fingerprint.pop(k)
+    settings = resolved_config(cfg)
+    for k in ("device", "quiet", "overwrite", "name", "manifest_dir", "lib", "pool_chunk", "used", "provenance"):
+        settings.pop(k)
+    inputs = fingerprints(lib.root, [lib.faces, lib.features("hr"), lib.splits] + ([] if cross else [lib.features(cfg.query_view)]))
+    query_inputs = fingerprints(query.lib.root, [query.lib.faces, query.lib.features(cfg.query_view)], absolute=True) if cross else {}
+    out_dir = manifest_folder(cfg, cross)
+    check_owner(out_dir, str(query.lib.root.resolve()), str(lib.root.resolve()))
+    # a cross-library pairing is its own output, beside its manifests: LIB's own pairs.parquet stays
+    pairs_path = out_dir / "pairs.parquet" if cross else lib.pairs
+    config_path = out_dir / "pair.config.json" if cross else lib.config("pair")
     t0 = time.perf_counter()
     with library_lock(lib.root, "pair"):
-        wdir = shards.work_dir(lib.root, "pair")
-        shards.prepare(wdir, fingerprint, cfg.overwrite)
+        wdir = shards.work_dir(lib.root, f"pair-cross-{out_dir.name}" if cross else "pair")
+        shards.prepare(wdir, settings, cfg.overwrite, inputs=inputs | query_inputs)
         index = L1Index(pool_mat, cfg.device, cfg.pool_chunk)
         gpu = index.gpu
         parts = shards.chunks(len(q_rows), cfg.query_chunk)
@@ -214,11 +263,15 @@ def run(cfg: PairConfig) -> dict:
         pairs = pa.concat_tables(tables) if tables else pa.Table.from_pylist([], schema=PAIRS)
         meta = {k: pool_side.meta.get(k, "") for k in ("backbone", "weights_id", "note", "layers", "grid")} | {
             "m": str(cfg.m), "pool": cfg.pool, "query_view": cfg.query_view,
-            "query_library": str(query.lib.root.resolve()) if cross else "self"}
+            "query_library": str(query.lib.root.resolve()) if cross else "self"} | stamp(inputs, pair_command(cfg, cross, manifest_dir=False)) | (
+            {"query_inputs": json.dumps(query_inputs, sort_keys=True)} if cross else {})
+        remove_orphan_temps(out_dir)  # left by a killed run; the library lock covers only LIB
         with outputs_together():  # pairs, manifests and config: all or none
-            write_table(lib.pairs, pairs, "pairs", meta)
-            manifests = write_manifests(pairs, query, pool_side, cfg, meta)
-            write_json(lib.config("pair"), config_dict(cfg) | {"manifests": {k: str(v) for k, v in manifests.items()}, "k0": k0, "gpu": gpu})
+            write_table(pairs_path, pairs, "pairs", meta)
+            manifests = write_manifests(pairs, query, pool_side, cfg, meta, out_dir, cross)
+            write_json(config_path, resolved_config(cfg, device="cuda" if gpu else "cpu", k0=k0, gpu=gpu,
+                                                   manifest_dir=str(out_dir.resolve())) | {
+                "manifests": {k: str(v.resolve()) for k, v in manifests.items()}, "inputs": inputs | query_inputs})
         shards.finish(wdir)
     elapsed = time.perf_counter() - t0
     n_refs = pairs.column("n_refs").to_numpy() if pairs.num_rows else np.zeros(0)
@@ -232,7 +285,7 @@ def run(cfg: PairConfig) -> dict:
              "features": pool_side.meta.get("note", "")}
     for split, path in manifests.items():
         stats[f"manifest {split}"] = f"{path} ({pq_rows(path)} rows)"
-    summary(f"refbuild pair -> {lib.pairs}", list(stats.items()), cfg.quiet)
+    summary(f"refbuild pair -> {pairs_path}", list(stats.items()), cfg.quiet)
     return stats
 
 

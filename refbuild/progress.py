@@ -43,7 +43,7 @@ def summary(title: str, rows: list[tuple[str, object]], quiet: bool = False) -> 
         return
     t = Table(title=escape(title), show_header=False, title_justify="left")  # paths may hold [ ]
     t.add_column(style="bold")
-    t.add_column(justify="right")
+    t.add_column(justify="right", overflow="fold")  # a long path wraps, never cut to "..."
     for k, v in rows:
         t.add_row(escape(k), f"{v:,}" if isinstance(v, int) else escape(str(v)))
     console.print(t)

@@ -145,31 +145,50 @@ def _prune(out: Path, keep: set[str]) -> int:
     return n
 
 
-def svg_histogram(values: list[float], title: str, xlabel: str, bins: int = 40) -> str:
-    """An inline SVG bar chart of `values` (finite ones only); a note when there are none."""
+def nice_step(span: float, n: int) -> float:
+    """A round tick step (1, 2 or 5 x 10^k) giving at most about n intervals over span."""
+    raw = span / max(n, 1)
+    mag = 10 ** math.floor(math.log10(raw))
+    return next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw)
+
+
+def svg_histogram(values: list[float], title: str, xlabel: str, bins: int = 40,
+                  bounds: tuple[float, float] | None = None) -> str:
+    """An inline SVG bar chart of `values` (finite ones only); a note when there are none.
+
+    bounds: the values' possible range (a probability: (0, 1)); the axis never leaves it."""
     v = np.asarray([x for x in values if x is not None and math.isfinite(x)], dtype=np.float64)
     head = f"<figure class='chart'><figcaption>{html.escape(title)}</figcaption>"
     if v.size == 0:
         return head + f"<p class='empty'>no values ({html.escape(xlabel)})</p></figure>"
     lo, hi = float(v.min()), float(v.max())
-    if hi <= lo:
-        lo, hi = lo - 0.5, hi + 0.5
+    if hi <= lo:  # one value: a narrow range around it, inside the bounds
+        pad = max(abs(lo) * 0.01, 1e-3)
+        lo, hi = lo - pad, hi + pad
+        if bounds is not None and hi > bounds[1]:  # e.g. every probability is 1.0: the range ends at 1
+            lo, hi = bounds[1] - 2 * pad, bounds[1]
+        elif bounds is not None and lo < bounds[0]:
+            lo, hi = bounds[0], bounds[0] + 2 * pad
     counts, edges = np.histogram(v, bins=bins, range=(lo, hi))
     w, h, ml, mr, mt, mb = 560, 220, 48, 28, 10, 40
-    pw, ph, peak = w - ml - mr, h - mt - mb, max(int(counts.max()), 1)
+    pw, ph = w - ml - mr, h - mt - mb
+    ystep = max(1, int(nice_step(max(int(counts.max()), 1), 4)))  # whole counts only
+    peak = ystep * math.ceil(max(int(counts.max()), 1) / ystep)
     bw = pw / bins
     parts = [f"<svg viewBox='0 0 {w} {h}' width='{w}' height='{h}' role='img' aria-label='{html.escape(title)}'>"]
-    for k in (0, 0.5, 1):  # y grid and labels
-        y = mt + ph * (1 - k)
+    for c in range(0, peak + 1, ystep):  # y grid and labels: 0 at the bottom, the axis top at the top
+        y = mt + ph * (1 - c / peak)
         parts.append(f"<line class='grid' x1='{ml}' x2='{w - mr}' y1='{y:.1f}' y2='{y:.1f}'/>"
-                     f"<text class='tick' x='{ml - 6}' y='{y + 4:.1f}' text-anchor='end'>{round(peak * k):,}</text>")
+                     f"<text class='tick' x='{ml - 6}' y='{y + 4:.1f}' text-anchor='end'>{c:,}</text>")
     for i, c in enumerate(counts):
         bh = ph * c / peak
         parts.append(f"<rect class='bar' x='{ml + i * bw + 0.5:.1f}' y='{mt + ph - bh:.1f}' width='{max(bw - 1, 0.5):.1f}' "
                      f"height='{bh:.1f}'><title>{edges[i]:.4g} to {edges[i + 1]:.4g}: {int(c):,}</title></rect>")
-    for k in range(5):  # x labels
-        x, val = ml + pw * k / 4, lo + (hi - lo) * k / 4
-        parts.append(f"<text class='tick' x='{x:.1f}' y='{mt + ph + 16}' text-anchor='middle'>{val:.4g}</text>")
+    xstep = nice_step(hi - lo, 5)
+    for k in range(math.ceil(lo / xstep - 1e-9), math.floor(hi / xstep + 1e-9) + 1):  # x labels at round values
+        val = k * xstep
+        x = ml + pw * (val - lo) / (hi - lo)
+        parts.append(f"<text class='tick' x='{x:.1f}' y='{mt + ph + 16}' text-anchor='middle'>{val:.6g}</text>")
     parts.append(f"<line class='axis' x1='{ml}' x2='{w - mr}' y1='{mt + ph}' y2='{mt + ph}'/>"
                  f"<text class='label' x='{ml + pw / 2:.0f}' y='{h - 4}' text-anchor='middle'>"
                  f"{html.escape(xlabel)} (n = {v.size:,})</text></svg>")
@@ -298,7 +317,7 @@ def run(cfg: ReportConfig) -> dict:
 
     probs = [f["prob"] for f in faces]
     dists = [d for p in (pairs or []) for d in p["ref_distances"]]
-    charts = (svg_histogram(probs, "Detection probability", "MTCNN probability (NaN for --aligned, not shown)")
+    charts = (svg_histogram(probs, "Detection probability", "MTCNN probability (NaN for --aligned, not shown)", bounds=(0.0, 1.0))
               + svg_histogram(dists, "Reference distance", "Eq. 2 distance, every stored reference"))
     try:
         template = TEMPLATE.read_text(encoding="utf-8")

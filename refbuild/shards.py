@@ -20,32 +20,39 @@ def work_dir(lib: Path, stage: str) -> Path:
     return lib / ".work" / stage
 
 
-def prepare(wdir: Path, fingerprint: dict[str, Any], overwrite: bool) -> None:
-    """Make `wdir` ready for a run whose result-affecting settings are `fingerprint`.
+def prepare(wdir: Path, fingerprint: dict[str, Any], overwrite: bool, inputs: dict[str, Any] | None = None) -> None:
+    """Make `wdir` ready for a run whose result-affecting settings are `fingerprint`
+    and whose input files had the sha256s `inputs`.
 
     Finished shards of an earlier run are kept when that run had the same
-    fingerprint. An earlier run with other settings that completed is replaced;
-    one that did not complete is refused unless `overwrite` is set, so a resume
-    with a mistyped option never mixes two configurations.
+    settings and inputs. An earlier run with other settings is refused unless
+    `overwrite` is set (finished: its outputs would be replaced by other ones;
+    unfinished: a resume with a mistyped option never mixes two configurations).
+    An earlier run with the same settings whose inputs changed is redone: that is
+    how a stale stage is brought up to date.
     """
     fp_path = wdir / "fingerprint.json"
-    want = json.loads(json.dumps(fingerprint, default=str))
+    want = json.loads(json.dumps(fingerprint | {"inputs": inputs or {}}, default=str))
     if fp_path.exists():
         old = json.loads(fp_path.read_text())
-        if overwrite or (old != want and (wdir / "complete").exists()):
+        complete = (wdir / "complete").exists()
+        # keys an older refbuild kept beside the settings (input hashes, counts) are not settings
+        changed = sorted(k for k in want if k != "inputs" and k in old and old[k] != want[k])
+        if overwrite or (old != want and complete and not changed):
             shutil.rmtree(wdir)
-        elif old != want:
-            changed = sorted(k for k in set(old) | set(want) if old.get(k) != want.get(k))
-            raise RefbuildError(
-                f"{wdir}: an unfinished earlier run used other settings ({', '.join(changed)}); "
+        elif changed:
+            what = "a finished earlier run (its outputs are in place)" if complete else "an unfinished earlier run"
+            fix = "add --overwrite to replace its outputs" if complete else \
                 "rerun with the same options to resume it, or add --overwrite to discard it"
-            )
+            raise RefbuildError(f"{wdir}: {what} used other settings ({', '.join(changed)}); {fix}")
+        elif old != want:  # unfinished, same settings, other inputs: its shards are of the old inputs
+            shutil.rmtree(wdir)
     try:
         wdir.mkdir(parents=True, exist_ok=True)
     except OSError as e:  # no free inode, or a read-only library
         raise RefbuildError(f"{wdir}: could not create ({e.strerror or e}); free space or fix permissions and rerun") from e
     remove_orphan_temps(wdir)
-    write_json(fp_path, fingerprint)
+    write_json(fp_path, want)
 
 
 def finish(wdir: Path) -> None:

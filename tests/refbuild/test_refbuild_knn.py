@@ -35,7 +35,7 @@ def test_k_larger_than_pool_is_capped():
 def test_pair_with_pool_chunks_gives_the_same_pairs(tmp_path, built):
     lib = tmp_path / "lib"
     shutil.copytree(built.lib, lib)
-    invoke("pair", lib, "-m", 3, "--manifest-dir", tmp_path / "a", "--name", "x", "-q")
+    invoke("pair", lib, "-m", 3, "--manifest-dir", tmp_path / "a", "--name", "x", "--overwrite", "-q")  # other settings than build()'s -m 2
     one = pq.read_table(lib / "pairs.parquet")
     invoke("pair", lib, "-m", 3, "--manifest-dir", tmp_path / "b", "--name", "x", "--pool-chunk", 5, "-q")
     assert pq.read_table(lib / "pairs.parquet").equals(one)

@@ -89,7 +89,10 @@ def test_split_deterministic(tmp_path, built):
     shutil.copytree(built.lib, lib)
     invoke("split", lib, "-q")
     assert read(lib / "splits.parquet") == read(built.lib / "splits.parquet")
-    invoke("split", lib, "-q", "--seed", "7")
+    line = one_line_error(invoke("split", lib, "-q", "--seed", "7", ok=False))  # other settings: refused (issue 14.6)
+    assert "seed: 0 -> 7" in line and "--overwrite" in line
+    assert read(lib / "splits.parquet") == read(built.lib / "splits.parquet")
+    invoke("split", lib, "-q", "--seed", "7", "--overwrite")
     assert {r["face_id"] for r in read(lib / "splits.parquet")} == set(_faces(lib))
 
 
@@ -180,7 +183,7 @@ def test_query_cli_refuses_outside_reads(built):
 def test_pool_all_and_lr_queries(tmp_path, built):
     lib = tmp_path / "lib"
     shutil.copytree(built.lib, lib)
-    invoke("split", lib, "--ratios", "0,1,0", "-q")  # everything val: the train pool is empty
+    invoke("split", lib, "--ratios", "0,1,0", "--overwrite", "-q")  # everything val: the train pool is empty
     line = one_line_error(invoke("pair", lib, "-m", M, "--manifest-dir", tmp_path / "m", "--overwrite", "-q", ok=False))
     assert "pool (train) is empty" in line
     invoke("pair", lib, "-m", M, "--pool", "all", "--query-view", "lr", "--manifest-dir", tmp_path / "m", "--overwrite", "-q")
@@ -212,9 +215,13 @@ def test_cross_library_pairing(tmp_path):
     invoke("detect", src2, "--out", lib2, "--aligned", "--identity-from-folder", "--crop-size", 32, "-q")
     invoke("embed", lib2, "--backbone", "pixels", "--device", "cpu", "-q")
     mdir = tmp_path / "m"
-    invoke("pair", b.lib, "--queries", lib2, "-m", M, "--manifest-dir", mdir, "--name", "cross", "--overwrite", "-q")
+    own = {f: (b.lib / f).read_bytes() for f in ("pairs.parquet", "pair.config.json")}
+    invoke("pair", b.lib, "--queries", lib2, "-m", M, "--manifest-dir", mdir, "--name", "cross", "-q")
+    # a separate, named output: the pool library's own pairing is untouched (issue 14.2)
+    assert own == {f: (b.lib / f).read_bytes() for f in own}
+    assert json.loads((mdir / "cross" / "pair.config.json").read_text())["queries"] == str(lib2.resolve())
     pool_faces, pool_splits, qfaces = _faces(b.lib), _splits(b.lib), _faces(lib2)
-    pairs = read(b.lib / "pairs.parquet")
+    pairs = read(mdir / "cross" / "pairs.parquet")
     assert {p["query_face_id"] for p in pairs} == set(qfaces)
     copy_sha = next(f["src_sha256"] for f in qfaces.values() if f["src_path"] == "q09/copy.png")
     for p in pairs:
@@ -231,6 +238,7 @@ def test_cross_library_pairing(tmp_path):
     for r in test_rows:
         assert (lib2 / r["hr_path"]).is_file() and all((b.lib / p).is_file() for p in r["ref_paths"])
     invoke("audit", b.lib)
+    invoke("audit", b.lib, "--manifest", mdir / "cross" / "test.parquet")
 
 
 def test_fewer_candidates_than_m(tmp_path):
@@ -241,8 +249,9 @@ def test_fewer_candidates_than_m(tmp_path):
     invoke("split", lib, "--ratios", "1,0,0", "-q")  # all train: 4 candidates per query at most
     line = one_line_error(invoke("pair", lib, "-m", 5, "--manifest-dir", tmp_path / "m", "-q", ok=False))
     assert "5 valid references" in line and str(lib) in line
-    # that run completed (uselessly), so a rerun with other settings simply replaces it
-    invoke("pair", lib, "-m", 4, "--manifest-dir", tmp_path / "m", "-q")  # exactly enough
+    # that run completed (uselessly); a rerun with other settings must say so
+    assert "--overwrite" in one_line_error(invoke("pair", lib, "-m", 4, "--manifest-dir", tmp_path / "m", "-q", ok=False))
+    invoke("pair", lib, "-m", 4, "--manifest-dir", tmp_path / "m", "--overwrite", "-q")  # exactly enough
     assert all(p["n_refs"] == 4 for p in read(lib / "pairs.parquet"))
 
 
@@ -254,6 +263,8 @@ def lib_copy(tmp_path, built):
     lib, mdir = tmp_path / "lib", tmp_path / "manifests"
     shutil.copytree(built.lib, lib)
     shutil.copytree(built.manifests, mdir)
+    for p in mdir.glob("*.parquet"):  # the copies belong to the copied library
+        _rewrite(p, pq.read_table(p), {"hr_root": str(lib.resolve()), "ref_root": str(lib.resolve())})
     cfg = json.loads((lib / "pair.config.json").read_text())
     cfg["manifests"] = {s: str(mdir / f"{s}.parquet") for s in ("train", "val", "test")}
     (lib / "pair.config.json").write_text(json.dumps(cfg))
@@ -349,7 +360,9 @@ def test_config_mismatch_needs_overwrite(tmp_path):
     src, lib = tmp_path / "src", tmp_path / "lib"
     make_faces(src, n_ids=2, per_id=2, duplicate=False)
     invoke("detect", src, "--out", lib, "--aligned", "--crop-size", 32, "-q")
-    invoke("detect", src, "--out", lib, "--aligned", "--crop-size", 40, "-q")  # completed run: replaced
+    line = one_line_error(invoke("detect", src, "--out", lib, "--aligned", "--crop-size", 40, "-q", ok=False))
+    assert "crop_size" in line and "--overwrite" in line and "finished" in line  # completed run: refused too
+    invoke("detect", src, "--out", lib, "--aligned", "--crop-size", 40, "--overwrite", "-q")
     assert json.loads((lib / "detect.config.json").read_text())["crop_size"] == 40
     (lib / ".work" / "detect" / "complete").unlink()  # as if the crop-size-40 run had been killed
     line = one_line_error(invoke("detect", src, "--out", lib, "--aligned", "--crop-size", 24, "-q", ok=False))

@@ -2,6 +2,8 @@
 as an uninterrupted run, and leaves no temp file behind."""
 from __future__ import annotations
 
+import json
+
 import os
 import shutil
 import signal
@@ -131,6 +133,9 @@ def test_pair_resume_after_kill(tmp_path):
         ma, mb = dict(a.schema.metadata), dict(b.schema.metadata)
         assert ma.pop(b"hr_root") == str(lib.resolve()).encode() and ma.pop(b"ref_root") == str(lib.resolve()).encode()
         assert mb.pop(b"hr_root") == str(ref.resolve()).encode() and mb.pop(b"ref_root") == str(ref.resolve()).encode()
+        for m_, d, md in ((ma, lib, mk), (mb, ref, mr)):  # input fingerprints and the rerun command: absolute too
+            assert all(k.startswith(str(d.resolve())) for k in json.loads(m_.pop(b"inputs")))
+            assert str(md.resolve()).encode() in m_.pop(b"command")
         assert ma == mb, s
     _no_temps(lib, mk)
     invoke("audit", lib)

@@ -193,7 +193,7 @@ def test_rerun_with_other_settings_on_a_full_disk(ref, stage, other, monkeypatch
     old, half new)."""
     ref.reset_to(ref.after["pair"])
     before = ref.now()
-    args = stage_args(stage, ref.base) + list(other)
+    args = stage_args(stage, ref.base) + list(other) + ["--overwrite"]  # other settings are refused without it
     real = os.fsync
 
     def full_at_config(fd):  # the config JSON is the last file of the stage's outputs
@@ -215,7 +215,7 @@ def test_rerun_with_other_settings_on_a_full_disk(ref, stage, other, monkeypatch
 def test_detect_rerun_with_other_crop_size_on_a_full_disk(ref, monkeypatch):
     ref.reset_to(ref.after["detect"])
     before = ref.now()
-    args = [a if a != 32 else 48 for a in stage_args("detect", ref.base)]
+    args = [a if a != 32 else 48 for a in stage_args("detect", ref.base)] + ["--overwrite"]
     with monkeypatch.context() as m:
         m.setattr(os, "fsync", _Full(os.fsync, 12))
         _nospace(invoke(*args, ok=False), "detect --crop-size 48")

@@ -1,0 +1,51 @@
+"""What both command lines (`refbuild`, `model`) share: `--version`, and usage errors in one line.
+
+typer prints a usage error as a framed, many-line "Error" box; here it is one
+line, `error: <what> (see `<command> --help`)`, with click's exit code 2, like
+every other error of this project (which library code raises and each CLI
+prints as `error: ...`, exit code 1).
+"""
+from __future__ import annotations
+
+import sys
+from importlib.metadata import PackageNotFoundError, version as _version
+
+import typer
+
+try:
+    from typer._click import exceptions as _exc, utils as _utils  # typer >= 0.2x carries its own click
+except ImportError:  # older typer: click itself
+    from click import exceptions as _exc, utils as _utils
+
+
+def package_version() -> str:
+    try:
+        return _version("msrface")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed: pip install -e .)"
+
+
+def version_callback(value: bool) -> None:
+    """`--version`: print it and exit (an eager option of the app's callback)."""
+    if value:
+        print(f"msrface {package_version()}")
+        raise typer.Exit()
+
+
+def run_app(app: typer.Typer, prog: str) -> None:
+    """Run a typer app as a program: usage errors in one line (exit 2), everything else as typer does."""
+    try:
+        rc = app(prog_name=prog, standalone_mode=False)
+    except _exc.NoArgsIsHelpError as e:  # no arguments: typer has shown the help already
+        sys.exit(e.exit_code)
+    except _exc.UsageError as e:
+        where = e.ctx.command_path if e.ctx else prog
+        _utils.echo(f"error: {e.format_message()} (see `{where} --help`)", err=True)
+        sys.exit(e.exit_code)
+    except _exc.ClickException as e:
+        _utils.echo(f"error: {e.format_message()}", err=True)
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        _utils.echo("aborted", err=True)
+        sys.exit(1)
+    sys.exit(rc if isinstance(rc, int) else 0)

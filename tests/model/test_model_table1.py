@@ -1,0 +1,55 @@
+"""pipelines.table1 end to end with tiny settings: every method trained, evaluated and tabled."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from pipelines import table1
+
+
+def test_equal_time_steps():
+    assert table1.equal_time_steps({"a": 10.0, "b": 5.0, "c": 0.1}, 100) == {"a": 100, "b": 50, "c": 1}
+
+
+def test_table1_end_to_end(synthetic_manifest, tmp_path):
+    man = tmp_path / "man"
+    man.mkdir()
+    shutil.copy(synthetic_manifest, man / "train.parquet")
+    shutil.copy(synthetic_manifest, man / "test.parquet")  # the fixture's 8 faces stand in for a test split
+    out = tmp_path / "t1"
+    argv = ["--manifests", str(man), "--steps", "3", "--seeds", "0,1", "--methods", ",".join(table1.TINY_METHODS),
+            "--out", str(out), "--batch-size", "2", "--num-refs", "2", "--ema-decay", "0", "--speed-steps", "1"]
+    table = table1.main(argv)
+    md = (out / "table1.md").read_text()
+    for m in table1.TINY_METHODS:
+        assert f"| {m} |" in md
+        row = table["methods"][m]
+        assert row["params"] > 0 and row["flops"] > 0 and row["samples_per_s"] > 0
+        assert len(row["runs"]) == 2
+        for r in row["runs"]:
+            assert 1 <= r["equal_time_step"] <= 3 and r["train_seconds"] > 0
+            for k in ("psnr_y", "ssim_y", "psnr_y_full", "ssim_y_full"):
+                assert r["equal_samples"][k] > 0 and r["equal_time"][k] > 0
+            assert (out / "runs" / f"{m}_s{r['seed']}" / "last.safetensors").is_file()
+    assert "| bicubic (MATLAB-style) |" in md and "±" in md and "FSRGAN" in md
+    # the two seeds are two trainings
+    a, b = (table["methods"]["msrnet2_tiny_x8"]["runs"][i]["equal_samples"]["psnr_y"] for i in (0, 1))
+    assert a != b
+    # a rerun reads finished runs back instead of refusing the existing run folders
+    again = table1.main(argv)
+    for m in table1.TINY_METHODS:  # results and the measured speeds (hence the equal-time steps) are kept
+        assert again["methods"][m] == table["methods"][m]
+    assert json.loads((out / "table1.json").read_text())["config"]["steps"] == 3
+
+
+def test_unknown_method_is_refused(synthetic_manifest, tmp_path):
+    man = tmp_path / "man"
+    man.mkdir()
+    shutil.copy(synthetic_manifest, man / "train.parquet")
+    shutil.copy(synthetic_manifest, man / "test.parquet")
+    with pytest.raises(SystemExit, match="unknown method"):
+        table1.main(["--manifests", str(man), "--steps", "1", "--methods", "nope_x8"])
+    with pytest.raises(SystemExit, match="missing"):
+        table1.main(["--manifests", str(tmp_path), "--steps", "1"])
