@@ -52,3 +52,18 @@ def test_run_config_and_eval_summary_are_resolved(synthetic_manifest, tmp_path, 
     saved = json.loads((tmp_path / "ev" / "summary.json").read_text())
     assert saved["device"] == "cpu" and saved["provenance"]["torch"] == torch.__version__
     assert saved["checkpoint"].startswith("/") and saved["manifest"] == str(synthetic_manifest.resolve())
+
+
+def test_eval_on_a_train_split_manifest_warns(synthetic_manifest, tmp_path, caplog):
+    import logging
+
+    from model.checkpoint import save_checkpoint
+    from model.evaluate import evaluate
+    from model.registry import create_model
+
+    ck = tmp_path / "m.safetensors"
+    save_checkpoint(ck, create_model("msrnet2_tiny_x4"), {"model": "msrnet2_tiny_x4", "model_kwargs": {}})
+    with caplog.at_level(logging.WARNING):
+        _, summary = evaluate(ck, synthetic_manifest, tmp_path / "ev", device="cpu")  # its rows say split=train
+    assert summary["split"] == "train"
+    assert any("split=train" in r.getMessage() and "training faces" in r.getMessage() for r in caplog.records)
