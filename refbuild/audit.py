@@ -128,6 +128,13 @@ def audit_library(lib: Library, hashes: bool, checks: list[Check]) -> dict:
         if pairs is not None:
             meta = metadata(lib.pairs)
             info["pairs_meta"] = meta
+            if meta.get("index") == "ivf":  # approximate references: say how good, every time
+                rec = json.loads(meta["recall_at_m"]) if meta.get("recall_at_m") else None
+                c = Check(f"approximate pairing (ivf): recall@m {rec['recall']:.4f} against exact search on "
+                          f"{rec['queries']} queries" if rec else "approximate pairing (ivf): recall@m measured", 1)
+                if rec is None:
+                    c.fail(f"{lib.pairs}: made with --index ivf but no recall@m recorded; rerun `refbuild pair`")
+                checks.append(c)
             _check_refs(pairs.to_pylist(), info, meta, checks, lib)
     return info
 

@@ -183,19 +183,23 @@ def pair(
     name: Annotated[Optional[str], typer.Option(help="Manifest name (default: the library folder's name; with --queries, the query library's).")] = None,
     manifest_dir: Annotated[Optional[Path], typer.Option(help="Where <name>/{train,val,test}.parquet go (default: LIB/manifests).")] = None,
     pool_chunk: Annotated[int, typer.Option(help="Search the pool this many rows at a time and merge (0: one index); bounds memory.")] = 0,
+    index: Annotated[str, typer.Option(help="exact (default) or ivf: approximate FAISS IVF-Flat L1 on CPU for very large pools; its recall@m against exact search is measured and reported.")] = "exact",
+    nlist: Annotated[int, typer.Option(help="--index ivf: inverted lists (0: about 4 sqrt(pool)).")] = 0,
+    nprobe: Annotated[int, typer.Option(help="--index ivf: lists visited per query (more: slower, higher recall).")] = 16,
     device: Device = "auto",
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
-    """Top-m non-identity references by summed per-layer L1 (exact search), and training manifests."""
+    """Top-m non-identity references by summed per-layer L1 (exact search by default), and training manifests."""
     from refbuild.pair import PairConfig, run
 
-    if query_view not in ("hr", "lr") or pool not in ("train", "all"):
-        raise typer.BadParameter("--query-view is hr or lr; --pool is train or all")
+    if query_view not in ("hr", "lr") or pool not in ("train", "all") or index not in ("exact", "ivf"):
+        raise typer.BadParameter("--query-view is hr or lr; --pool is train or all; --index is exact or ivf")
     try:
         run(PairConfig(lib=lib, m=m, queries=queries, query_view=query_view, pool=pool,
                        layer_weights=_floats(layer_weights, None, "--layer-weights"), name=name,
-                       manifest_dir=manifest_dir, pool_chunk=pool_chunk, device=device, overwrite=overwrite, quiet=quiet))
+                       manifest_dir=manifest_dir, pool_chunk=pool_chunk, index=index, nlist=nlist, nprobe=nprobe,
+                       device=device, overwrite=overwrite, quiet=quiet))
     except (RefbuildError, ManifestError) as e:
         _fail(e)
 

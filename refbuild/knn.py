@@ -1,4 +1,4 @@
-"""Exact L1 k-nearest neighbours, over a pool that may be sharded.
+"""L1 k-nearest neighbours: exact over a pool that may be sharded, or approximate (IVF) for very large pools.
 
 On CPU the search is `refbuild.l1kernel` (a blocked numba kernel, ~7x FAISS's
 memory-bound flat L1 on 2 cores); on GPU it is FAISS `IndexFlat(METRIC_L1)`,
@@ -82,3 +82,60 @@ class L1Index:
         d = np.where(i >= 0, d, np.inf)
         order = np.lexsort((i, d), axis=1)[:, :k]  # by distance, then row: the same ties as one index
         return np.take_along_axis(d, order, 1), np.take_along_axis(i, order, 1)
+
+
+def auto_nlist(n: int) -> int:
+    """IVF lists for n pool rows: ~4 sqrt(n) (FAISS's rule of thumb), at least 39 training rows per list."""
+    return max(1, min(int(4 * np.sqrt(n)), n // 39))
+
+
+class IVFL1Index:
+    """Approximate L1 k-NN on CPU: FAISS `IndexIVFFlat(METRIC_L1)` (IVF has no L1 on GPU).
+
+    Args:
+        pool: N, D float32 rows. nlist: inverted lists (0: `auto_nlist`). nprobe: lists visited per query.
+        seed: seeds the k-means training, so a rerun builds the same index.
+        train_per_list: k-means trains on at most this many rows per list.
+    """
+
+    gpu = False
+
+    def __init__(self, pool: np.ndarray, nlist: int = 0, nprobe: int = 16, seed: int = 0, train_per_list: int = 256):
+        import faiss
+
+        self.pool = np.ascontiguousarray(pool, dtype=np.float32)
+        n, d = self.pool.shape
+        self.nlist = nlist or auto_nlist(n)
+        if not 1 <= self.nlist <= n:
+            raise RefbuildError(f"--nlist {self.nlist}: need 1 to {n} (the pool's rows)")
+        self.nprobe = max(1, min(nprobe, self.nlist))
+        quantizer = faiss.IndexFlat(d, faiss.METRIC_L1)
+        self.index = faiss.IndexIVFFlat(quantizer, d, self.nlist, faiss.METRIC_L1)
+        self.index.cp.seed = seed
+        sample = np.random.default_rng(seed).permutation(n)[: train_per_list * self.nlist]
+        self.index.train(self.pool[np.sort(sample)])
+        self.index.add(self.pool)
+        self.index.nprobe = self.nprobe
+
+    @property
+    def ntotal(self) -> int:
+        return len(self.pool)
+
+    @property
+    def k_max(self) -> int:
+        return self.ntotal
+
+    def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """As L1Index.search, over the nprobe nearest lists only (-1 pads where they hold fewer than k rows)."""
+        q = np.ascontiguousarray(q, dtype=np.float32)
+        d, i = self.index.search(q, min(k, self.ntotal))
+        d = np.where(i >= 0, d, np.inf)
+        order = np.lexsort((np.where(i >= 0, i, np.iinfo(np.int64).max), d), axis=1)  # ties by row, as exact search
+        return np.take_along_axis(d, order, 1), np.take_along_axis(i, order, 1)
+
+
+def recall_at_m(approx: list[list[str]], exact: list[list[str]]) -> float:
+    """Share of the exact references (per query, a list of face ids) that the approximate search also gave."""
+    hit = sum(len(set(a) & set(e)) for a, e in zip(approx, exact))
+    total = sum(len(e) for e in exact)
+    return hit / total if total else 1.0

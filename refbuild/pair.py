@@ -26,7 +26,7 @@ from data_manifests import PAIRS, TRAINING_MANIFEST, metadata, read_table
 from refbuild import shards
 from refbuild.dupes import library_photo_keys
 from refbuild.errors import RefbuildError
-from refbuild.knn import L1Index
+from refbuild.knn import IVFL1Index, L1Index, auto_nlist, recall_at_m
 from refbuild.io import library_lock, outputs_together, remove_orphan_temps, resolved_config, write_json, write_table
 from refbuild.library import Library
 from refbuild.progress import bar, summary
@@ -47,6 +47,10 @@ class PairConfig:
     manifest_dir: Path | None = None  # default: LIB/manifests, so manifests belong to their library
     query_chunk: int = 2048
     pool_chunk: int = 0  # pool rows searched at a time, top-k lists merged (0: all at once); bounds GPU memory
+    index: Literal["exact", "ivf"] = "exact"  # ivf: FAISS IndexIVFFlat(METRIC_L1) on CPU, approximate
+    nlist: int = 0  # ivf: inverted lists (0: ~4 sqrt(pool))
+    nprobe: int = 16  # ivf: lists visited per query
+    recall_sample: int = 500  # ivf: queries whose references are also found exactly, for recall@m
     device: str = "auto"
     quiet: bool = False
     overwrite: bool = False
@@ -144,6 +148,22 @@ def search_chunk(index: L1Index, q: np.ndarray, qi: list[int], query: Side, pool
             "ref_distances": [d for _, d in chosen],
         })
     return rows
+
+
+def measure_recall(pairs: pa.Table, q_rows: list[int], query: Side, pool: Side, pool_rows: np.ndarray,
+                   pool_mat: np.ndarray, w: np.ndarray, cfg: PairConfig, k0: int, cross: bool) -> dict:
+    """recall@m of the approximate references against exact search, on an evenly spread sample of queries."""
+    n = min(cfg.recall_sample, len(q_rows))
+    take = np.linspace(0, len(q_rows) - 1, n).round().astype(int) if n else np.zeros(0, int)
+    qi = [q_rows[j] for j in take]
+    exact = search_chunk(L1Index(pool_mat, "cpu"), np.ascontiguousarray(query.feats[qi] * w), qi, query, pool,
+                         pool_rows, cfg.m, k0, cross) if qi else []
+    got = {fid: refs for fid, refs in zip(pairs.column("query_face_id").to_pylist(),
+                                          pairs.column("ref_face_ids").to_pylist())}
+    approx = [got.get(query.face_ids[i], []) for i in qi]
+    nlist = cfg.nlist or auto_nlist(len(pool_rows))
+    return {"recall": round(recall_at_m(approx, [r["ref_face_ids"] for r in exact]), 4), "queries": len(qi),
+            "m": cfg.m, "nlist": nlist, "nprobe": max(1, min(cfg.nprobe, nlist))}
 
 
 def manifest_folder(cfg: PairConfig, cross: bool) -> Path:
@@ -246,7 +266,13 @@ def run(cfg: PairConfig) -> dict:
     with library_lock(lib.root, "pair"):
         wdir = shards.work_dir(lib.root, f"pair-cross-{out_dir.name}" if cross else "pair")
         shards.prepare(wdir, settings, cfg.overwrite, inputs=inputs | query_inputs)
-        index = L1Index(pool_mat, cfg.device, cfg.pool_chunk)
+        if cfg.index == "ivf":
+            if cfg.device == "cuda":
+                raise RefbuildError("--index ivf runs on CPU (FAISS has no IVF with L1 on GPU); drop --device cuda "
+                                    "or use --index exact")
+            index = IVFL1Index(pool_mat, cfg.nlist, cfg.nprobe)
+        else:
+            index = L1Index(pool_mat, cfg.device, cfg.pool_chunk)
         gpu = index.gpu
         parts = shards.chunks(len(q_rows), cfg.query_chunk)
         with bar(cfg.quiet) as prog:
@@ -261,16 +287,20 @@ def run(cfg: PairConfig) -> dict:
                 prog.advance(task, len(r))
         tables = [read_table(shards.shard_file(wdir, s, "pairs"), "pairs") for s in range(len(parts))]
         pairs = pa.concat_tables(tables) if tables else pa.Table.from_pylist([], schema=PAIRS)
+        recall = None
+        if cfg.index == "ivf":  # every approximate run measures itself against exact search
+            recall = measure_recall(pairs, q_rows, query, pool_side, pool_rows, pool_mat, w, cfg, k0, cross)
         meta = {k: pool_side.meta.get(k, "") for k in ("backbone", "weights_id", "note", "layers", "grid")} | {
             "m": str(cfg.m), "pool": cfg.pool, "query_view": cfg.query_view,
-            "query_library": str(query.lib.root.resolve()) if cross else "self"} | stamp(inputs, pair_command(cfg, cross, manifest_dir=False)) | (
+            "query_library": str(query.lib.root.resolve()) if cross else "self",
+            "index": cfg.index} | ({"recall_at_m": json.dumps(recall)} if recall else {}) | stamp(inputs, pair_command(cfg, cross, manifest_dir=False)) | (
             {"query_inputs": json.dumps(query_inputs, sort_keys=True)} if cross else {})
         remove_orphan_temps(out_dir)  # left by a killed run; the library lock covers only LIB
         with outputs_together():  # pairs, manifests and config: all or none
             write_table(pairs_path, pairs, "pairs", meta)
             manifests = write_manifests(pairs, query, pool_side, cfg, meta, out_dir, cross)
             write_json(config_path, resolved_config(cfg, device="cuda" if gpu else "cpu", k0=k0, gpu=gpu,
-                                                   manifest_dir=str(out_dir.resolve())) | {
+                                                   manifest_dir=str(out_dir.resolve()), recall_at_m=recall) | {
                 "manifests": {k: str(v.resolve()) for k, v in manifests.items()}, "inputs": inputs | query_inputs})
         shards.finish(wdir)
     elapsed = time.perf_counter() - t0
@@ -281,6 +311,8 @@ def run(cfg: PairConfig) -> dict:
                             "lower -m or add faces of more identities")
     stats = {"queries": pairs.num_rows, "pool_faces": len(pool_rows), "m": cfg.m, "k_searched": k0,
              "short_of_m (left out of manifests)": short, "index": ("faiss GPU flat L1" if gpu else "exact CPU L1 (refbuild.l1kernel)") + (f", pool chunks of {cfg.pool_chunk}" if cfg.pool_chunk else ""),
+             **({"recall@m vs exact": f"{recall['recall']:.4f} on {recall['queries']} queries "
+                                         f"(nlist {recall['nlist']}, nprobe {recall['nprobe']})"} if recall else {}),
              "seconds": round(elapsed, 1), "queries_per_s": round(pairs.num_rows / elapsed, 1) if elapsed > 0 else None,
              "features": pool_side.meta.get("note", "")}
     for split, path in manifests.items():

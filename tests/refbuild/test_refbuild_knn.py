@@ -76,3 +76,39 @@ def test_l1_kernel_refuses_mismatched_dims():
 
     with pytest.raises(ValueError, match="n x D"):
         l1_distances(np.zeros((2, 3), np.float32), np.zeros((2, 4), np.float32))
+
+
+def test_ivf_visiting_every_list_is_exact_and_fewer_lists_lose_recall():
+    from refbuild.knn import IVFL1Index, auto_nlist, recall_at_m
+
+    rng = np.random.default_rng(3)
+    pool = rng.random((2000, 16), dtype=np.float32)
+    q = rng.random((50, 16), dtype=np.float32)
+    de, ie = L1Index(pool, "cpu").search(q, 5)
+    d, i = IVFL1Index(pool, nlist=16, nprobe=16).search(q, 5)
+    assert np.array_equal(i, ie) and np.allclose(d, de, rtol=1e-5)
+    _, i1 = IVFL1Index(pool, nlist=16, nprobe=1).search(q, 5)
+    r = recall_at_m([list(a) for a in i1], [list(e) for e in ie])
+    assert 0 < r < 1  # approximate: the measure can tell
+    assert recall_at_m([["a", "b"]], [["b", "c"]]) == 0.5 and auto_nlist(2000) == 51
+
+
+def test_pair_ivf_reports_recall_and_equals_exact_when_it_visits_every_list(tmp_path, built):
+    import json
+
+    lib = tmp_path / "lib"
+    shutil.copytree(built.lib, lib)
+    invoke("pair", lib, "-m", 2, "--manifest-dir", tmp_path / "a", "--name", "x", "--overwrite", "-q")
+    exact = pq.read_table(lib / "pairs.parquet").select(["query_face_id", "ref_face_ids"])
+    res = invoke("pair", lib, "-m", 2, "--manifest-dir", tmp_path / "b", "--name", "x", "--index", "ivf",
+                 "--nlist", 3, "--nprobe", 3, "--overwrite")
+    assert "recall@m vs exact" in " ".join(res.output.split()) and "1.0000" in res.output
+    assert pq.read_table(lib / "pairs.parquet").select(["query_face_id", "ref_face_ids"]).equals(exact)
+    rec = json.loads((lib / "pair.config.json").read_text())["used"]["recall_at_m"]
+    assert rec["recall"] == 1.0 and rec["nlist"] == 3 and rec["queries"] > 0
+    meta = pq.read_schema(lib / "pairs.parquet").metadata
+    assert meta[b"index"] == b"ivf" and json.loads(meta[b"recall_at_m"])["recall"] == 1.0
+    audit = invoke("audit", lib, "--manifest", tmp_path / "b" / "x" / "train.parquet")
+    assert "recall@m" in audit.output and "1.0000" in audit.output, audit.output  # the table may wrap the line
+    refused = invoke("pair", lib, "-m", 2, "--index", "ivf", "--device", "cuda", "--overwrite", ok=False)
+    assert refused.exit_code != 0
