@@ -61,6 +61,18 @@ def _tile(x: torch.Tensor, size: int) -> Image.Image:
     return im.resize((size, size), Image.NEAREST if im.width < size else Image.LANCZOS)
 
 
+REPORT_MARKER = "eval_report.json"  # in every report folder this writes: the only folders it replaces
+
+
+def _refuse_foreign(folder: Path) -> None:
+    """A non-empty folder without our marker holds someone else's files: never delete it."""
+    if folder.is_dir() and any(folder.iterdir()) and not (folder / REPORT_MARKER).is_file():
+        raise MsrError(f"{folder}: the folder holds files `model eval --report` did not write ({REPORT_MARKER} "
+                       "missing); move them or give another --out")
+    if folder.exists() and not folder.is_dir():
+        raise MsrError(f"{folder}: a file is in the way of the report folder; move it or give another --out")
+
+
 class EvalReport:
     """Collects the tiles during evaluation, then writes the page.
 
@@ -72,9 +84,13 @@ class EvalReport:
     def __init__(self, out: Path, ds: ManifestDataset):
         self.out, self.ds = Path(out), ds
         self.stage = self.out.with_name(self.out.name + ".partial")
+        self.old = self.out.with_name(self.out.name + ".old")
+        for folder in (self.out, self.stage, self.old):
+            _refuse_foreign(folder)
         if self.stage.exists():  # left by a killed run
             shutil.rmtree(self.stage)
         (self.stage / "img").mkdir(parents=True)
+        (self.stage / REPORT_MARKER).write_text(json.dumps({"writer": "model eval --report"}))  # first: ours
         self.identity = {r.face_id: r.identity for r in ds.rows}
         self.tiles: dict[str, list] = {}  # face_id -> [lr, bicubic, [refs], sr, hr] relative paths
 
@@ -138,7 +154,7 @@ class EvalReport:
                 .replace("{{BASE_CSS}}", BASE_CSS.read_text(encoding="utf-8"))
                 .replace("{{BASE_JS}}", BASE_JS.read_text(encoding="utf-8")))  # the look of refbuild's report
         (self.stage / "index.html").write_text(page, encoding="utf-8")
-        old = self.out.with_name(self.out.name + ".old")
+        old = self.old
         if old.exists():
             shutil.rmtree(old)
         if self.out.exists():
