@@ -189,17 +189,11 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, device: torch.device) -
     logger = None
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        from refbuild.io import provenance
+        from refbuild.io import resolved_config  # absolute paths, what was used, provenance: as every stage's
 
-        write_json_atomic(run_dir / "config.json", {
-            **{k: (str(Path(v).resolve()) if isinstance(v, Path) else v) for k, v in cfg.to_json().items()
-               if k not in ("manifest", "val_manifest", "runs_dir", "data_root")},
-            **{k: (str(Path(getattr(cfg, k)).resolve()) if getattr(cfg, k) is not None else None)
-               for k in ("manifest", "val_manifest", "runs_dir", "data_root")},
-            "model_kwargs": model_kwargs, "scale": model.scale, "world_size": info.world_size,
-            "used": {"device": str(device), "precision": precision, "workers": cfg.workers,
-                     "torch_threads": torch.get_num_threads()},
-            "provenance": provenance()})
+        write_json_atomic(run_dir / "config.json", resolved_config(
+            cfg, device=str(device), precision=precision, workers=cfg.workers, torch_threads=torch.get_num_threads(),
+        ) | {"model_kwargs": model_kwargs, "scale": model.scale, "world_size": info.world_size})
         logger = MetricsLogger(run_dir, ["step", "loss", "lr", "samples_per_s", "val_psnr_y"])
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
