@@ -56,7 +56,7 @@ class BenchDetectWorker:
 
 
 def ours(paths: list[Path], workers: int, shard: int) -> list[np.ndarray]:
-    from pipelines.runners import LocalRunner
+    from refbuild.runners.local import LocalRunner
 
     with tempfile.TemporaryDirectory() as d:
         tasks = [(i, paths[s : s + shard]) for i, s in enumerate(range(0, len(paths), shard))]
@@ -70,7 +70,7 @@ def ours(paths: list[Path], workers: int, shard: int) -> list[np.ndarray]:
 
 def _startup(workers: int) -> None:
     """Spawn the pool and build one Detector per worker, on empty shards: the fixed cost of a run."""
-    from pipelines.runners import LocalRunner
+    from refbuild.runners.local import LocalRunner
 
     with tempfile.TemporaryDirectory() as d:
         sum(LocalRunner(workers).map(BenchDetectWorker, (Path(d),), [(i, []) for i in range(workers)]))
@@ -101,7 +101,7 @@ def run(mode: str, repeats: int) -> Stage:
     import torch
     from facenet_pytorch import MTCNN
 
-    from pipelines.runners import start_method
+    from refbuild.runners.local import start_method
 
     workers = os.cpu_count() or 1
     st = Stage("detect", f"facenet-pytorch MTCNN(...).detect(img) per image, torch default threads ({torch.get_num_threads()})",

@@ -22,7 +22,7 @@ def pick_crops(n: int) -> list[Path]:
 
 def ours(paths: list[Path], workers: int, shard: int, dim: int, precision: str = "auto") -> np.ndarray:
     from data_manifests import read_table
-    from pipelines.runners import LocalRunner
+    from refbuild.runners.local import LocalRunner
     from refbuild import shards
     from refbuild.embed import EmbedConfig, EmbedWorker
 
@@ -36,7 +36,7 @@ def ours(paths: list[Path], workers: int, shard: int, dim: int, precision: str =
 
 def _startup(workers: int, dim: int) -> None:
     """Spawn the pool and build one backbone per worker, on empty shards: the fixed cost of a run."""
-    from pipelines.runners import LocalRunner
+    from refbuild.runners.local import LocalRunner
     from refbuild.embed import EmbedConfig, EmbedWorker
 
     with tempfile.TemporaryDirectory() as d:
@@ -94,7 +94,7 @@ def run(mode: str, repeats: int) -> Stage:
 
     from refbuild.backbones import build_backbone
 
-    from pipelines.runners import start_method
+    from refbuild.runners.local import start_method
 
     workers = os.cpu_count() or 1
     st = Stage("embed", f"per-image VGG-16 forward, batch 1, NCHW fp32, torch default threads ({torch.get_num_threads()})",

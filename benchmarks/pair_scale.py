@@ -1,6 +1,7 @@
 """Pair at scale: exact L1 (the blocked kernel) against IVF-Flat L1, time and recall, on synthetic features.
 
     python -m benchmarks.pair_scale [--sizes 10000,30000,100000] [--dims 4608] [--queries 1000] [--out DIR]
+    python -m benchmarks.pair_scale --ray-workers 2 [--sizes ...]   # also `pair --engine ray`'s search path
 
 Features: a mixture of 500 Gaussian clusters (centres U(0, 1), spread 0.15) in `--dims`
 dimensions, float32, like per-layer-normalised descriptors in scale but not in
@@ -9,6 +10,11 @@ For each pool size N, `--queries` queries drawn from the same mixture are search
 (k = 16) exactly and with IVF (nlist = min(auto, 256), nprobe 8/16/32, k-means on at
 most 64 x nlist rows); times are per query and extrapolated to N queries (an N x N
 pairing), which is linear in the number of queries for both searches.
+
+With `--ray-workers W`, the same queries also go through the Ray engine's path (a local Ray
+instance, W actors, the pool through the object store once, query chunks of
+`--ray-chunk` as tasks, one thread per actor): its wall time includes the actors' start and
+the pool's transfer, reported as `ray_setup_s` (a one-query run) besides the per-query time.
 """
 from __future__ import annotations
 
@@ -25,6 +31,33 @@ def mixture(n: int, d: int, rng: np.random.Generator, centres: np.ndarray) -> np
     return (centres[pick] + rng.normal(0, 0.15, (n, d))).astype(np.float32)
 
 
+class _Search:
+    """The Ray rows' worker: exact L1 over the pool, one query chunk per task (as `refbuild.pair.PairSearch`)."""
+
+    def __init__(self, pool: np.ndarray, q: np.ndarray, k: int):
+        from refbuild.knn import L1Index
+
+        self.index, self.q, self.k = L1Index(pool, "cpu"), q, k
+
+    def __call__(self, rows: tuple[int, int]) -> int:
+        self.index.search(self.q[rows[0] : rows[1]], self.k)
+        return rows[1] - rows[0]
+
+
+def ray_time(pool: np.ndarray, q: np.ndarray, k: int, workers: int, chunk: int) -> tuple[float, float]:
+    """(setup seconds, seconds per query) of W Ray actors searching q in chunks."""
+    from refbuild.runners.ray_actors import RayRunner
+
+    runner = RayRunner(workers)
+    t = time.perf_counter()
+    sum(runner.map(_Search, (pool, q, k), [(0, 1)]))
+    setup = time.perf_counter() - t
+    tasks = [(s, min(s + chunk, len(q))) for s in range(0, len(q), chunk)]
+    t = time.perf_counter()
+    assert sum(runner.map(_Search, (pool, q, k), tasks)) == len(q)
+    return setup, (time.perf_counter() - t) / len(q)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="10000,30000,100000")
@@ -32,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--queries", type=int, default=1000)
     ap.add_argument("--k", type=int, default=16)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    ap.add_argument("--ray-workers", type=int, default=0, help="also time the Ray engine's path with this many actors")
+    ap.add_argument("--ray-chunk", type=int, default=250)
     a = ap.parse_args(argv)
     from refbuild.knn import IVFL1Index, L1Index, auto_nlist
 
@@ -45,6 +80,12 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         _, exact = L1Index(pool, "cpu").search(q, a.k)
         t_exact = (time.perf_counter() - t) / a.queries
+        if a.ray_workers:
+            setup, t_ray = ray_time(pool, q, a.k, a.ray_workers, a.ray_chunk)
+            rows.append({"N": n, "dims": a.dims, "ray_workers": a.ray_workers, "ray_setup_s": round(setup, 1),
+                         "ray_ms_per_query": round(1e3 * t_ray, 2), "exact_ms_per_query": round(1e3 * t_exact, 2),
+                         "ray_NxN_s": round(setup + t_ray * n, 1)})
+            print(json.dumps(rows[-1]), flush=True)
         nlist = min(auto_nlist(n), 256)
         t = time.perf_counter()
         index = IVFL1Index(pool, nlist=nlist, train_per_list=64)

@@ -20,7 +20,13 @@ SCHEMA_KEY = b"msrface.schema"
 VERSION_KEY = b"msrface.schema_version"
 
 
-class ManifestError(Exception):
+class MsrfaceError(Exception):
+    """The base of every error this project raises for a problem the user can fix: its message
+    says what is wrong and what to do, and each command line prints it as one line (exit 1).
+    It lives here, in the package every other imports, so both halves share it."""
+
+
+class ManifestError(MsrfaceError):
     """A manifest is missing, unreadable, or does not match its schema."""
 
 
@@ -39,6 +45,7 @@ FACES = pa.schema(
         ("prob", pa.float32()),  # MTCNN probability; NaN for --aligned
         ("landmarks", _LANDMARKS),  # null for --aligned
         ("crop_path", pa.string()),  # relative to the library root
+        ("crop_sha256", pa.string()),  # of the crop file's bytes; null in a library made before crops were hashed
         ("img_w", pa.int32()),
         ("img_h", pa.int32()),
     ]
@@ -173,5 +180,8 @@ def read_table(path: str | Path, name: str, columns: list[str] | None = None) ->
     except Exception as e:
         raise _unreadable(path, e) from e
     if columns is None:
+        if name == "faces" and "crop_sha256" not in table.schema.names:  # made before crops were hashed
+            table = table.add_column(table.schema.get_field_index("crop_path") + 1, "crop_sha256",
+                                     pa.nulls(table.num_rows, pa.string()))
         check_table(table, name, str(path))
     return table

@@ -22,7 +22,7 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .errors import CheckpointError
+from .errors import CheckpointError, MsrError
 from .registry import create_model
 
 FORMAT = "msrface.msrnet.v1"
@@ -111,32 +111,89 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         raise CheckpointError(f"{path}: truncated or not a safetensors file ({e}); use another checkpoint") from e
     if raw is None:
         raise CheckpointError(f"{path}: a safetensors file but not an msrface checkpoint (no '{META_KEY}' metadata)")
-    meta = json.loads(raw)
+    try:
+        meta = json.loads(raw)
+    except ValueError:
+        meta = None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: damaged checkpoint ('{META_KEY}' metadata is not a JSON object); use another checkpoint")
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path}: checkpoint format {meta.get('format')!r}, this msrface reads {FORMAT!r}")
     return Checkpoint(path, meta, tensors)
 
 
-def load_weights(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
-    """Strict load; a foreign architecture becomes a CheckpointError."""
+def check_tensors(state: dict[str, torch.Tensor], like: dict[str, torch.Tensor], where: str, prefix: str = "") -> None:
+    """Where `like` (the model's own state) holds floating point, `state` must too, and be finite:
+    an int8 or NaN tensor would otherwise load silently (load_state_dict casts). `prefix`: the
+    tensors' section in the file, for the message."""
+    for k, v in state.items():
+        ref = like.get(k)
+        if ref is None or not ref.is_floating_point():
+            continue
+        if not v.is_floating_point():
+            raise CheckpointError(f"{where}: tensor {prefix}{k} is {v.dtype}, not floating point; the checkpoint is damaged, use another one")
+        if not bool(torch.isfinite(v).all()):
+            raise CheckpointError(f"{where}: tensor {prefix}{k} holds NaN or infinite values; the checkpoint is damaged "
+                                  "(or its run diverged), use another one")
+
+
+def _filtered(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
     from .msrnet import checkpoint_filter_fn  # model-agnostic: strips DataParallel / compile prefixes
 
+    return checkpoint_filter_fn(state, model)
+
+
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor], where: str, prefix: str = "") -> None:
+    """Strict load; a foreign architecture, a non-floating or non-finite weight become a CheckpointError."""
+    state = _filtered(state, model)
+    check_tensors(state, model.state_dict(), where, prefix)
     try:
-        model.load_state_dict(checkpoint_filter_fn(state, model), strict=True)
+        model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         first = str(e).splitlines()[0]
         raise CheckpointError(f"{where}: weights do not fit {type(model).__name__} ({first}); other architecture?") from e
 
 
+def _ints(x: Any) -> list[int]:
+    if isinstance(x, (list, tuple)):
+        return [i for v in x for i in _ints(v)]
+    return [x] if isinstance(x, int) else []
+
+
+def _check_shapes(ckpt: Checkpoint, name: str, kwargs: dict[str, Any], state: dict[str, torch.Tensor]) -> None:
+    """Build the model on the meta device (no memory) and match its shapes with the stored tensors,
+    so that forged `model_kwargs` never allocate before a tensor is checked."""
+    def unfit(why: str) -> CheckpointError:
+        return CheckpointError(f"{ckpt.path}: model kwargs {kwargs} do not fit {name!r} ({why}); "
+                               "the checkpoint is damaged or of another architecture, use another one")
+
+    size = sum(v.numel() for v in state.values())
+    if any(abs(i) > size for i in _ints(list(kwargs.values()))):  # a width or depth above the weight count
+        raise unfit(f"a value above the {size} stored weights")
+    try:
+        with torch.device("meta"):
+            skeleton = create_model(name, **kwargs)
+    except MsrError:  # an unknown name: the message lists the choices
+        raise
+    except Exception as e:  # whatever the constructor makes of forged kwargs
+        raise unfit(_why(e)) from e
+    like = skeleton.state_dict()
+    for k, v in _filtered(state, skeleton).items():
+        if k in like and like[k].shape != v.shape:
+            raise unfit(f"{k} is {tuple(v.shape)} in the file, {tuple(like[k].shape)} in the model")
+
+
 def model_from_checkpoint(ckpt: Checkpoint, use_ema: bool = True) -> nn.Module:
     """Rebuild the registered model the checkpoint describes and load its weights (EMA if present)."""
     name, kwargs = ckpt.meta.get("model"), ckpt.meta.get("model_kwargs", {})
-    try:
-        model = create_model(name, **kwargs)
-    except TypeError as e:
-        raise CheckpointError(f"{ckpt.path}: model kwargs {kwargs} do not fit {name!r} ({e})") from e
-    state = ckpt.section("ema") if use_ema and ckpt.section("ema") else ckpt.section("model")
-    load_weights(model, state, str(ckpt.path))
+    if not isinstance(name, str) or not isinstance(kwargs, dict):
+        raise CheckpointError(f"{ckpt.path}: damaged checkpoint (metadata 'model' {name!r}, 'model_kwargs' {kwargs!r}); "
+                              "use another checkpoint")
+    section = "ema" if use_ema and ckpt.section("ema") else "model"
+    state = ckpt.section(section)
+    _check_shapes(ckpt, name, kwargs, state)
+    model = create_model(name, **kwargs)
+    load_weights(model, state, str(ckpt.path), section + ".")
     return model
 
 
@@ -152,8 +209,15 @@ def export_weights(src: str | Path, dst: str | Path, use_ema: bool = True) -> di
     return meta
 
 
-def restore_optimizer(optimizer: torch.optim.Optimizer, ckpt: Checkpoint) -> None:
-    """Load the optimizer state saved by `save_checkpoint`."""
+def _why(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
+def _damaged(ckpt: Checkpoint, what: str, why: str) -> CheckpointError:
+    return CheckpointError(f"{ckpt.path}: damaged {what} ({why}); resume from another checkpoint or start a new run")
+
+
+def _optim_state(ckpt: Checkpoint) -> tuple[dict[int, dict[str, Any]], list[dict[str, Any]]]:
     state: dict[int, dict[str, Any]] = {}
     for k, v in ckpt.section("optim").items():
         pid, key = k.split(".", 1)
@@ -164,15 +228,44 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, ckpt: Checkpoint) -> Non
     for g in groups:
         if "betas" in g:
             g["betas"] = tuple(g["betas"])
+    return state, groups
+
+
+def _check_optim_tensors(ckpt: Checkpoint, state: dict[int, dict[str, Any]], params: list[torch.Tensor]) -> None:
+    """torch checks neither shapes nor values of optimizer state: a bad one would fail (or go NaN) mid-training."""
+    for pid, st in state.items():
+        if not 0 <= pid < len(params):
+            raise _damaged(ckpt, "optimizer state", f"parameter {pid} of {len(params)}")
+        for key, v in st.items():
+            if not torch.is_tensor(v):
+                continue
+            if v.dim() > 0 and v.shape != params[pid].shape:
+                raise _damaged(ckpt, "optimizer state", f"optim.{pid}.{key} is {tuple(v.shape)}, "
+                                                        f"its parameter {tuple(params[pid].shape)}")
+            if not v.is_floating_point() or not bool(torch.isfinite(v).all()):
+                raise _damaged(ckpt, "optimizer state", f"optim.{pid}.{key} is not finite floating point")
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, ckpt: Checkpoint) -> None:
+    """Load the optimizer state saved by `save_checkpoint`; a damaged one is a CheckpointError."""
+    try:
+        state, groups = _optim_state(ckpt)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise _damaged(ckpt, "optimizer state", _why(e)) from e
+    _check_optim_tensors(ckpt, state, [p for g in optimizer.param_groups for p in g["params"]])
     try:
         optimizer.load_state_dict({"state": state, "param_groups": groups})
-    except (ValueError, KeyError) as e:
+    except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{ckpt.path}: optimizer state does not fit this model ({e})") from e
 
 
 def restore_rng(ckpt: Checkpoint) -> None:
-    torch.set_rng_state(ckpt.tensors["rng.torch"])
-    if "rng.cuda" in ckpt.tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(ckpt.tensors["rng.cuda"])
-    st = ckpt.meta["python_rng"]
-    random.setstate((st[0], tuple(st[1]), st[2]))
+    """Restore the RNG states saved by `save_checkpoint`; a damaged one is a CheckpointError."""
+    try:
+        torch.set_rng_state(ckpt.tensors["rng.torch"])
+        if "rng.cuda" in ckpt.tensors and torch.cuda.is_available():
+            torch.cuda.set_rng_state(ckpt.tensors["rng.cuda"])
+        st = ckpt.meta["python_rng"]
+        random.setstate((st[0], tuple(st[1]), st[2]))
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
+        raise _damaged(ckpt, "RNG state", _why(e)) from e

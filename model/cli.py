@@ -73,6 +73,7 @@ def train(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
     precision: Annotated[str, typer.Option(help="auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16")] = "auto",
     resume: Annotated[bool, typer.Option("--resume", help="continue <runs-dir>/<name>/last.safetensors")] = False,
+    allow_changed_config: Annotated[bool, typer.Option("--allow-changed-config", help="with --resume: accept other result-affecting settings (manifest, steps, lr, ...) than the run's")] = False,
     stop_after: Annotated[Optional[int], typer.Option(help="stop at this step (schedule still spans --steps)")] = None,
 ) -> None:
     """Train MSRNet on a training manifest."""
@@ -84,7 +85,8 @@ def train(
         num_refs=num_refs, refs=refs.value, ref_dropout=ref_dropout, jitter=jitter, use_swin=not no_swin, steps=steps, batch_size=batch_size, lr=lr,
         warmup_steps=warmup_steps, grad_clip=grad_clip, ema_decay=ema_decay, stage1_weight=stage1_weight,
         workers=workers, seed=seed, log_every=log_every, ckpt_every=ckpt_every, sample_every=sample_every,
-        device=device, precision=precision, resume=resume, stop_after=stop_after,
+        device=device, precision=precision, resume=resume, allow_changed_config=allow_changed_config,
+        stop_after=stop_after,
     )
     run_dir = _run(run_train, cfg)
     if _run(from_env).is_main:  # under torchrun every process returns here

@@ -36,6 +36,22 @@ def _safe_rel(p: str, what: str, manifest: Path) -> str:
     return p
 
 
+def _check_inside(manifest: Path, files: list[tuple[Path, Path]]) -> None:
+    """Refuse a file whose resolved path (symlinks followed) leaves its root: a link out of the library."""
+    resolved: dict[Path, Path] = {}  # folder -> its resolved form: one realpath per folder, not per file
+
+    def real(d: Path) -> Path:
+        if d not in resolved:
+            resolved[d] = d.resolve()
+        return resolved[d]
+
+    for path, root in files:
+        where = path.resolve() if path.is_symlink() else real(path.parent) / path.name
+        if not where.is_relative_to(real(root)):
+            raise MsrError(f"{manifest}: {path} resolves to {where}, outside its root {root}; "
+                           "replace the link with the file itself, or rebuild the library")
+
+
 def load_rgb(path: Path) -> Image.Image:
     """Open an image as RGB; MsrError naming the file when it cannot be read."""
     try:
@@ -163,12 +179,14 @@ class ManifestDataset(Dataset):
         if not self.rows:
             raise MsrError(f"{manifest}: the manifest has no rows")
         if check_files:
-            needed = [r.hr for r in self.rows] + ([p for r in self.rows for p in r.refs[:num_refs]] if refs in ("matched", "shuffled") else [])
-            missing = [p for p in needed if not p.is_file()]
+            needed = [(r.hr, roots["hr_root"]) for r in self.rows] + (
+                [(p, roots["ref_root"]) for r in self.rows for p in r.refs[:num_refs]] if refs in ("matched", "shuffled") else [])
+            missing = [p for p, _ in needed if not p.is_file()]
             if missing:
                 raise MsrError(
                     f"{manifest}: {len(missing)} image file(s) missing, first {missing[0]}; check hr_root/ref_root or --data-root"
                 )
+            _check_inside(manifest, needed)
         self.scale, self.num_refs, self.ref_mode, self.flip, self.seed = scale, num_refs, refs, flip, seed
         self.jitter = jitter
         self.ref_view = meta.get("query_view")  # which view of the query chose its references (hr | lr)

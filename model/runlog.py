@@ -1,24 +1,100 @@
 """Run outputs: metrics CSV, optional TensorBoard events, sample grids, JSON."""
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
+import io
 import json
 import logging
 import os
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .errors import MsrError
+
 log = logging.getLogger("model")
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def _lock_holder(fh) -> str:
+    """What the lock file names (the holder writes it right after taking the lock: give it a moment)."""
+    for _ in range(20):
+        fh.seek(0)
+        if holder := fh.read().strip():
+            return holder
+        time.sleep(0.05)
+    return "another process"
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Hold `<run>/.lock` (flock) while a run writes its folder: a second run on it fails at once.
+
+    The kernel drops the lock of a dead process; a lock file that still names one
+    (killed mid-run) is taken over with a one-line notice. A clean exit empties it.
+    """
+    path = run_dir / ".lock"
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fh = open(path, "a+")
+    except OSError as e:
+        raise MsrError(f"{path}: could not create the run lock ({e.strerror or e}); fix permissions or free space") from e
+    try:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise MsrError(f"{run_dir}: run folder in use by {_lock_holder(fh)}; wait for it to finish (or kill it), "
+                           "or choose another --name") from None
+        fh.seek(0)
+        if stale := fh.read().strip():
+            log.warning("%s: taking over the lock of %s, which is no longer running", run_dir, stale)
+        os.ftruncate(fh.fileno(), 0)
+        os.write(fh.fileno(), f"model train (pid {os.getpid()})".encode())
+        try:
+            yield
+        finally:
+            os.ftruncate(fh.fileno(), 0)
+    finally:
+        fh.close()
+
+
+def _step_of(row: dict[str, Any]) -> int | None:
+    try:
+        return int(row.get("step") or "")
+    except ValueError:
+        return None
+
+
+def trim_metrics(path: Path, fields: list[str], upto: int) -> None:
+    """Rewrite `path` (atomically) as a header and the rows of steps 1..`upto`: what a run resumed at
+    step `upto` (0: a new run) continues; rows a killed run logged after its checkpoint are dropped."""
+    rows = []
+    if path.is_file():
+        try:
+            with open(path, newline="") as fh:
+                rows = [r for r in csv.DictReader(fh) if (s := _step_of(r)) is not None and s <= upto]
+        except (csv.Error, UnicodeDecodeError) as e:
+            raise MsrError(f"{path}: not a readable CSV ({e}); move it away and rerun") from e
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    write_text_atomic(path, buf.getvalue())
 
 
 def save_png_atomic(img: Image.Image, path: Path) -> None:
@@ -28,19 +104,18 @@ def save_png_atomic(img: Image.Image, path: Path) -> None:
 
 
 class MetricsLogger:
-    """Appends rows to `<run>/metrics.csv`; mirrors scalars to TensorBoard when installed.
+    """Appends rows to `<run>/metrics.csv` after the rows of steps 1..`step` (the run's checkpoint;
+    0: a new run); mirrors scalars to TensorBoard when installed.
 
     A missing `tensorboard` package is reported once as a warning, never silently.
     """
 
-    def __init__(self, run_dir: Path, fields: list[str]):
+    def __init__(self, run_dir: Path, fields: list[str], step: int):
         self.path = run_dir / "metrics.csv"
         self.fields = fields
-        new = not self.path.exists()
+        trim_metrics(self.path, fields, step)
         self._fh = open(self.path, "a", newline="")
         self._csv = csv.DictWriter(self._fh, fieldnames=fields, extrasaction="ignore")
-        if new:
-            self._csv.writeheader()
         self._tb = None
         try:
             from torch.utils.tensorboard import SummaryWriter

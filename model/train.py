@@ -1,9 +1,11 @@
 """Training: one frozen config, one loop (nanoGPT style); state lives outside the network."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -17,9 +19,11 @@ from torch.utils.data import DataLoader
 from . import distributed
 from .checkpoint import load_checkpoint, load_weights, restore_optimizer, restore_rng, save_checkpoint
 from .data import ManifestDataset, ResumableBatchSampler
-from .errors import MsrError
+from .errors import CheckpointError, MsrError
 from .registry import create_model
-from .runlog import MetricsLogger, sample_grid, save_png_atomic, write_json_atomic
+from .runlog import MetricsLogger, run_lock, sample_grid, save_png_atomic, write_json_atomic
+
+log = logging.getLogger("model")
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -63,11 +67,47 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; or fp32 / bf16 (~1.3x on AVX512-BF16 CPUs)
     resume: bool = False
+    allow_changed_config: bool = False  # let --resume change result-affecting settings (see `settings`)
     stop_after: int | None = None  # stop (and checkpoint) at this step; the schedule still spans `steps`
     progress: bool = True
 
     def to_json(self) -> dict:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}
+
+
+# where and how a run goes, not what it computes: a resume may change these freely
+RUNTIME_FIELDS = frozenset({"name", "runs_dir", "workers", "log_every", "ckpt_every", "sample_every", "device",
+                            "resume", "allow_changed_config", "stop_after", "progress"})
+_PATH_FIELDS = ("manifest", "data_root", "val_manifest")
+
+
+def settings(config: dict) -> dict:
+    """The result-affecting settings of a `TrainConfig.to_json()` or a run's config.json (paths absolute)."""
+    keep = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in RUNTIME_FIELDS and f.name in config]
+    return {k: str(Path(config[k]).resolve()) if k in _PATH_FIELDS and config[k] is not None else config[k]
+            for k in keep}
+
+
+def _run_settings(run_dir: Path, ck) -> dict:
+    """The settings the run was made with: its config.json, else (missing or damaged) its checkpoint's."""
+    try:
+        old = json.loads((run_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        old = None
+    if not isinstance(old, dict):
+        old = ck.meta.get("config")
+    return settings(old) if isinstance(old, dict) else {}
+
+
+def check_resume_settings(cfg: TrainConfig, run_dir: Path, ck) -> None:
+    """Refuse a --resume that changes a result-affecting setting, naming each old -> new, unless allowed."""
+    old, new = _run_settings(run_dir, ck), settings(json.loads(json.dumps(cfg.to_json())))
+    changed = ", ".join(f"{k} {old[k]} -> {new[k]}" for k in new if k in old and old[k] != new[k])
+    if changed and not cfg.allow_changed_config:
+        raise MsrError(f"{run_dir}: --resume with other settings than the run's ({changed}); rerun with the run's "
+                       "settings, or add --allow-changed-config to continue with the new ones")
+    if changed:
+        log.warning("%s: resuming with changed settings: %s", run_dir, changed)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -79,17 +119,23 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 class Ema(nn.Module):
-    """Exponential moving average of a model's weights (buffers copied)."""
+    """Exponential moving average of a model's weights (buffers copied), with warmup: the decay at
+    step t is min(decay, (1 + t) / (10 + t)) (timm's ModelEmaV3), so a short run's average is not
+    mostly its random initialisation (decay 0.999 alone keeps 61% of it after 500 steps)."""
 
     def __init__(self, model: nn.Module, decay: float):
         super().__init__()
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
         self.decay = decay
 
+    def decay_at(self, step: int) -> float:
+        return min(self.decay, (1 + step) / (10 + step))
+
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
+    def update(self, model: nn.Module, step: int) -> None:
+        d = self.decay_at(step)
         for e, p in zip(self.module.state_dict().values(), model.state_dict().values()):
-            e.lerp_(p, 1 - self.decay) if e.is_floating_point() else e.copy_(p)
+            e.lerp_(p, 1 - d) if e.is_floating_point() else e.copy_(p)
 
     def state_dict(self, *args, **kwargs):
         return self.module.state_dict(*args, **kwargs)
@@ -145,10 +191,24 @@ def train(cfg: TrainConfig) -> Path:
 def _train(cfg: TrainConfig, info: distributed.DistInfo, device: torch.device) -> Path:
     run_dir = Path(cfg.runs_dir) / cfg.name
     last = run_dir / "last.safetensors"
-    if last.exists() and not cfg.resume:
-        raise MsrError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --name")
     if cfg.resume and not last.exists():
         raise MsrError(f"{last}: nothing to resume; drop --resume to start a new run")
+    with run_lock(run_dir) if info.is_main else contextlib.nullcontext():  # rank 0 alone writes the folder
+        if last.exists() and not cfg.resume:
+            raise MsrError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --name")
+        return _train_locked(cfg, info, device, run_dir, last)
+
+
+def _resume_position(ck) -> tuple[int, float]:
+    step, best = ck.meta.get("step"), ck.meta.get("best")
+    if type(step) is not int or step < 0 or type(best) not in (int, float):
+        raise CheckpointError(f"{ck.path}: damaged checkpoint (step {step!r}, best {best!r}); resume from "
+                              "another checkpoint or start a new run")
+    return step, best
+
+
+def _train_locked(cfg: TrainConfig, info: distributed.DistInfo, device: torch.device, run_dir: Path,
+                  last: Path) -> Path:
     precision = resolve_precision(cfg.precision, device)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model_kwargs = {} if cfg.use_swin else {"use_swin": False}
@@ -166,14 +226,16 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, device: torch.device) -
     step, best = 0, float("inf")
     if cfg.resume:  # every rank loads `last`: weights, EMA and optimizer stay identical across ranks
         ck = load_checkpoint(last)
-        if ck.meta["model"] != cfg.model or ck.meta["model_kwargs"] != model_kwargs:
-            raise MsrError(f"{last}: holds {ck.meta['model']} {ck.meta['model_kwargs']}, not {cfg.model} {model_kwargs}")
-        load_weights(model, ck.section("model"), str(last))
+        if ck.meta.get("model") != cfg.model or ck.meta.get("model_kwargs") != model_kwargs:
+            raise MsrError(f"{last}: holds {ck.meta.get('model')} {ck.meta.get('model_kwargs')}, "
+                           f"not {cfg.model} {model_kwargs}")
+        step, best = _resume_position(ck)
+        load_weights(model, ck.section("model"), str(last), "model.")
         if ema is not None and ck.section("ema"):
-            load_weights(ema.module, ck.section("ema"), str(last))
+            load_weights(ema.module, ck.section("ema"), str(last), "ema.")
         restore_optimizer(opt, ck)
+        check_resume_settings(cfg, run_dir, ck)  # a sound checkpoint: is it this run's, as it was set?
         restore_rng(ck)
-        step, best = ck.meta["step"], ck.meta["best"]
     net = distributed.wrap(_Step(model), info, device)
     val = None
     if cfg.val_manifest is not None:  # read on every rank so that a bad one fails them all alike
@@ -194,7 +256,7 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, device: torch.device) -
         write_json_atomic(run_dir / "config.json", resolved_config(
             cfg, device=str(device), precision=precision, workers=cfg.workers, torch_threads=torch.get_num_threads(),
         ) | {"model_kwargs": model_kwargs, "scale": model.scale, "world_size": info.world_size})
-        logger = MetricsLogger(run_dir, ["step", "loss", "lr", "samples_per_s", "val_psnr_y"])
+        logger = MetricsLogger(run_dir, ["step", "loss", "lr", "samples_per_s", "val_psnr_y"], step)
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
     def checkpoint(kind: str, score: float) -> None:
@@ -245,7 +307,7 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, device: torch.device) -
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
             if ema is not None:
-                ema.update(model)
+                ema.update(model, step)
             step += 1
             seen += lr_img.shape[0] * info.world_size
             losses.append(distributed.mean_over_ranks(loss.detach(), info).item())

@@ -90,12 +90,14 @@ def _scores(summary: dict[str, Any], method: str = "sr") -> dict[str, float]:
     return {k: summary[method][k] for k in REPORTED}
 
 
-def run_one(base, method: str, seed: int, stop_at: int, test: Path, out: Path, device: str) -> dict[str, Any]:
+def run_one(base, method: str, seed: int, stop_at: int, test: Path, out: Path, device: str,
+            on_partial=None) -> dict[str, Any]:
     """Train one (method, seed) to base.steps, evaluating at `stop_at` too when it is earlier."""
     from model.evaluate import evaluate
     from model.train import train
 
     done = out / "results" / f"{method}_s{seed}.json"
+    partial = done.with_suffix(".equal_time.json")  # the equal-time score, kept while the full budget trains
     if done.is_file():
         return json.loads(done.read_text())
     cfg = replace(base, model=method, name=f"{method}_s{seed}", seed=seed, runs_dir=out / "runs")
@@ -106,6 +108,10 @@ def run_one(base, method: str, seed: int, stop_at: int, test: Path, out: Path, d
         res["seconds_to_equal_time_step"] = time.perf_counter() - t0
         _, s = evaluate(run / "last.safetensors", test, out / "eval" / f"{cfg.name}_step{stop_at}", device=device)
         res["equal_time"] = _scores(s)
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(json.dumps(res, indent=2))
+        if on_partial:
+            on_partial()
         t1 = time.perf_counter()
         run = train(replace(cfg, resume=True))
         seconds = res["seconds_to_equal_time_step"] + time.perf_counter() - t1
@@ -134,12 +140,12 @@ def table_markdown(table: dict[str, Any]) -> str:
     """Table 1 as Markdown: one row per method (bicubic first), mean ± sd over seeds."""
     cfg, rows = table["config"], table["methods"]
     seeds = cfg["seeds"]
-    any_res = next(iter(rows.values()))["runs"][0]
+    any_res = next(x for r in rows.values() for x in r["runs"] if "equal_samples" in x)
     lines = [
         f"Test split: {any_res['n_test']} faces (split {any_res['split']}, references chosen on the "
         f"{any_res['ref_view'] or 'unrecorded'} view), LR 16x16. Every method: {cfg['steps']} steps x batch "
         f"{cfg['batch_size']} = {cfg['steps'] * cfg['batch_size']} samples, Adam lr {cfg['lr']} (warmup {cfg['warmup_steps']}, cosine), "
-        f"L1, EMA {cfg['ema_decay']}, jitter {cfg['jitter']}, ref dropout {cfg['ref_dropout']}, seeds {seeds}; "
+        f"L1, EMA {cfg['ema_decay']}, jitter {cfg['jitter']}, ref dropout {cfg['ref_dropout']}, seeds {seeds} (a row's own in its seeds column); "
         f"mean ± sd over seeds. PSNR/SSIM Y crop = scale (BasicSR) and the literature's (MATLAB Y uint8, whole "
         f"image). FLOPs: forward, per sample, FlopCounterMode ({cfg['num_refs']} references where used). "
         f"samples/s: CPU training speed of the model alone, batch {cfg['batch_size']}; train s: wall seconds of "
@@ -147,21 +153,27 @@ def table_markdown(table: dict[str, Any]) -> str:
         f"seconds the fastest needs for the full budget (mid-schedule), then resumed.",
         "",
         "| method | params | GFLOPs | train samples/s | train s | PSNR-Y | SSIM-Y | PSNR-Y lit. | SSIM-Y lit. "
-        "| equal-time step | PSNR-Y at equal time |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| equal-time step | PSNR-Y at equal time | seeds |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     b = any_res["bicubic"]
     lines.append(f"| bicubic (MATLAB-style) | 0 | - | - | - | {b['psnr_y']:.2f} | {b['ssim_y']:.4f} "
-                 f"| {b['psnr_y_full']:.2f} | {b['ssim_y_full']:.4f} | - | - |")
+                 f"| {b['psnr_y_full']:.2f} | {b['ssim_y_full']:.4f} | - | - | - |")
     for name, r in rows.items():
-        runs = r["runs"]
+        runs = [x for x in r["runs"] if "equal_samples" in x]
+        if not runs:  # only the equal-time score so far: the full budget did not finish
+            et = [x["equal_time"]["psnr_y"] for x in r["runs"]]
+            lines.append(f"| {name} | {r['params']:,} | {r['flops'] / 1e9:.2f} | {r['samples_per_s']:.1f} | not finished "
+                         f"| - | - | - | - | {r['runs'][0]['equal_time_step']} | {_agg(et, 2)} "
+                         f"| {','.join(str(x['seed']) for x in r['runs'])} |")
+            continue
         es = {k: [x["equal_samples"][k] for x in runs] for k in REPORTED}
         et = [x["equal_time"]["psnr_y"] for x in runs]
         lines.append(
             f"| {name} | {r['params']:,} | {r['flops'] / 1e9:.2f} | {r['samples_per_s']:.1f} "
             f"| {_agg([x['train_seconds'] for x in runs], 1)} | {_agg(es['psnr_y'], 2)} | {_agg(es['ssim_y'], 4)} "
             f"| {_agg(es['psnr_y_full'], 2)} | {_agg(es['ssim_y_full'], 4)} | {runs[0]['equal_time_step']} "
-            f"| {_agg(et, 2)} |")
+            f"| {_agg(et, 2)} | {','.join(str(x['seed']) for x in runs)} |")
     lines += ["", "Not included:"] + [f"- {k}: {v}." for k, v in NOT_INCLUDED.items()]
     return "\n".join(lines) + "\n"
 
@@ -171,6 +183,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--manifests", type=Path, required=True, help="folder with train.parquet and test.parquet")
     ap.add_argument("--steps", type=int, required=True)
     ap.add_argument("--seeds", default="0")
+    ap.add_argument("--method-seeds", default="",
+                    help="per-method seeds overriding --seeds, e.g. sparnet_x8=0 (a slow method on fewer seeds)")
     ap.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                     help=f"registered model names (tiny: {','.join(TINY_METHODS)})")
     ap.add_argument("--out", type=Path, default=Path("table1"))
@@ -187,6 +201,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     a = ap.parse_args(argv)
 
     from model import MsrError, list_models
+    from refbuild.io import write_bytes, write_json
     from model.train import TrainConfig
 
     train_m, test_m = a.manifests / "train.parquet", a.manifests / "test.parquet"
@@ -198,6 +213,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if unknown:
         raise SystemExit(f"unknown method(s) {', '.join(unknown)}; choose registered models (`model list`)")
     seeds = [int(s) for s in a.seeds.split(",")]
+    per_method = {m: seeds for m in methods}
+    for item in filter(None, a.method_seeds.split(";")):
+        m, _, ss = item.partition("=")
+        if m not in per_method or not ss:
+            raise SystemExit(f"--method-seeds {item!r}: expected METHOD=SEED[,SEED] with METHOD in --methods")
+        per_method[m] = [int(x) for x in ss.split(",")]
     warmup = a.warmup_steps if a.warmup_steps is not None else min(200, a.steps // 10)
     base = TrainConfig(manifest=train_m, steps=a.steps, batch_size=a.batch_size, lr=a.lr, warmup_steps=warmup,
                        ema_decay=a.ema_decay, ref_dropout=a.ref_dropout, jitter=a.jitter, num_refs=a.num_refs,
@@ -216,20 +237,32 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cost = {m: {"params": known[m]["params"], "flops": known[m]["flops"]} for m in methods}
     speed = {m: known[m]["samples_per_s"] for m in methods}
     stops = equal_time_steps(speed, a.steps)
-    rows: dict[str, Any] = {}
-    try:
-        for m in methods:
-            runs = [run_one(base, m, s, stops[m], test_m, a.out, a.device) for s in seeds]
-            rows[m] = {**cost[m], "samples_per_s": speed[m], "runs": runs}
+    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
+    config = {**{k: v for k, v in base.to_json().items() if k not in ("model", "name", "seed")},
+              "seeds": seeds, "method_seeds": per_method, "methods": methods, "manifests": str(a.manifests)}
+
+    def write_table() -> dict[str, Any]:
+        """Table 1 from every result so far (a partial equal-time score where a run is still training)."""
+        have = {m: runs[m] + [json.loads(p.read_text()) for s in per_method[m] if s not in {x["seed"] for x in runs[m]}
+                              for p in [a.out / "results" / f"{m}_s{s}.equal_time.json"] if p.is_file()]
+                for m in methods}
+        table = {"config": config, "methods": {m: {**cost[m], "samples_per_s": speed[m], "runs": have[m]}
+                                               for m in methods if have[m]}, "not_included": NOT_INCLUDED}
+        if any("equal_samples" in x for r in table["methods"].values() for x in r["runs"]):
+            write_json(a.out / "table1.json", table)
+            write_bytes(a.out / "table1.md", table_markdown(table).encode())
+        return table
+
+    try:  # seed-major: every method's first seed lands before any method's second
+        for s in sorted({s for ss in per_method.values() for s in ss}):
+            for m in methods:
+                if s in per_method[m]:
+                    runs[m].append(run_one(base, m, s, stops[m], test_m, a.out, a.device, on_partial=write_table))
+                    write_table()
     except MsrError as e:
         raise SystemExit(str(e)) from e
-    table = {"config": {**{k: v for k, v in base.to_json().items() if k not in ("model", "name", "seed")},
-                        "seeds": seeds, "methods": methods, "manifests": str(a.manifests)},
-             "methods": rows, "not_included": NOT_INCLUDED}
-    a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "table1.json").write_text(json.dumps(table, indent=2))
+    table = write_table()
     md = table_markdown(table)
-    (a.out / "table1.md").write_text(md)
     print(md)
     return table
 

@@ -42,7 +42,18 @@ def _safe(root: Path, rel: str | None) -> Path | None:
     if not isinstance(rel, str) or not rel:  # null or empty in a tampered file
         return None
     p = Path(rel)
-    return None if p.is_absolute() or ".." in p.parts else root / p
+    if p.is_absolute() or ".." in p.parts:
+        return None
+    p = root / p
+    return p if p.resolve().is_relative_to(root.resolve()) else None  # a symlink pointing out escapes too
+
+
+def _crop_paths(root: Path) -> set[str] | None:
+    """The crop paths of the library at `root`; None when it holds no readable faces.parquet."""
+    try:
+        return set(read_table(Library(root).faces, "faces", columns=["crop_path"]).column("crop_path").to_pylist())
+    except (ManifestError, OSError):
+        return None
 
 
 def _read(path: Path, name: str, checks: list[Check], columns=None):
@@ -81,13 +92,17 @@ def audit_library(lib: Library, hashes: bool, checks: list[Check]) -> dict:
             c.fail(f"{r['face_id']}: crop {r['crop_path']} missing or outside the library")
     checks.append(c)
     if hashes:
+        audit_crop_hashes(lib, rows, checks)
         src_root = Path(metadata(lib.faces).get("src_root", ""))
         c = Check("source files present, sha256 matches", 0)
-        for src, sha in sorted({(r["src_path"], r["src_sha256"]) for r in rows}):
+        if not src_root.is_dir():  # moved or deleted: one line, not one per photo
+            c.fail(f"{src_root}: source folder of faces.parquet not found (moved?); pass --no-hashes to skip this check")
+        sources = sorted({(r["src_path"], r["src_sha256"]) for r in rows}) if src_root.is_dir() else []
+        for src, sha in sources:
             c.checked += 1
             p = _safe(src_root, src)
             if p is None or not p.is_file():
-                c.fail(f"{src_root / src}: source image missing")
+                c.fail(f"{src_root / src}: source image missing or outside {src_root}")
             elif sha256_file(p) != sha:
                 c.fail(f"{src_root / src}: sha256 changed since detect")
         checks.append(c)
@@ -171,6 +186,20 @@ def _check_refs(pairs: list[dict], info: dict, meta: dict, checks: list[Check], 
     checks += [c_id, c_dup, c_pool, c_one]
 
 
+def audit_crop_hashes(lib: Library, rows: list[dict], checks: list[Check]) -> None:
+    """Every crop still has the bytes detect wrote (a crop overwritten with another face is caught)."""
+    c = Check("crop files unchanged (sha256 matches)", 0)
+    for r in rows:
+        p = _safe(lib.root, r["crop_path"])
+        if r.get("crop_sha256") is None or p is None or not p.is_file():  # not recorded (older refbuild), or missing
+            continue
+        c.checked += 1
+        if sha256_file(p) != r["crop_sha256"]:
+            c.fail(f"{lib.root / r['crop_path']}: sha256 changed since detect; rerun `refbuild detect` with the "
+                   "same options to restore it")
+    checks.append(c)
+
+
 def audit_stale(lib: Library, checks: list[Check], manifests: list[Path]) -> None:
     """Every output whose recorded inputs changed since it was made (a re-split, a re-embed)."""
     c = Check("no stale stage (inputs unchanged since each output was made)", 0)
@@ -185,6 +214,21 @@ def audit_stale(lib: Library, checks: list[Check], manifests: list[Path]) -> Non
             if (why := stale_reason(path)) is not None:
                 c.fail(why)
     checks.append(c)
+    if lib.pairs.is_file():  # a deleted input, reported even where pairs.parquet recorded no fingerprints
+        try:
+            meta = metadata(lib.pairs)
+        except Exception:
+            meta = {}  # unreadable: the schema check reports it
+        view = meta.get("query_view", "hr")
+        ups = {lib.features("hr"): "embed", lib.features(view): "embed"}
+        if meta.get("pool", "train") == "train" or view != "hr":  # what pair needed splits for
+            ups[lib.splits] = "split"
+        c = Check("inputs of pairs.parquet present", len(ups))
+        for up, stage in ups.items():
+            if not up.is_file():
+                c.fail(f"{up}: missing, yet pairs.parquet and its manifests were made from it; rerun "
+                       f"`refbuild {stage} {lib.root}` and the stages after it")
+        checks.append(c)
 
 
 def audit_owner(path: Path, lib: Library, checks: list[Check]) -> None:
@@ -200,7 +244,9 @@ def audit_owner(path: Path, lib: Library, checks: list[Check]) -> None:
     checks.append(c)
 
 
-def audit_manifest(path: Path, checks: list[Check], holdout_ids: set[str], train_ids: set[str]) -> None:
+def audit_manifest(path: Path, checks: list[Check], holdout_ids: set[str], train_ids: set[str],
+                   root: Path | None = None) -> None:
+    """root: the library the manifest's roots stand for (a moved library), else its metadata's."""
     t = _read(path, "training_manifest", checks)
     if t is None:
         return
@@ -218,7 +264,14 @@ def audit_manifest(path: Path, checks: list[Check], holdout_ids: set[str], train
     c_m = Check(f"{path.parent.name}/{path.name}: m={m} references per row", len(rows))
     if m < 1:
         c_m.fail(f"{path}: metadata m={meta.get('m')!r} is not a positive number")
-    hr_root, ref_root = Path(meta.get("hr_root", "")), Path(meta.get("ref_root", ""))
+    hr_root, ref_root = (root, root) if root else (Path(meta.get("hr_root", "")), Path(meta.get("ref_root", "")))
+    crops = {d: _crop_paths(d) for d in (hr_root, ref_root)}  # what each root's library holds
+    c_r = Check(f"{path.parent.name}/{path.name}: hr_root and ref_root are refbuild libraries", 2)
+    for key, d in (("hr_root", hr_root), ("ref_root", ref_root)):
+        if crops[d] is None:
+            c_r.fail(f"{path}: {key} {str(d)!r} is not a refbuild library (no faces.parquet there); "
+                     "rerun `refbuild pair` to remake the manifest")
+    checks.append(c_r)
     c_f = Check(f"{path.parent.name}/{path.name}: files present inside their roots", 0)
     c_l = Check(f"{path.parent.name}/{path.name}: no held-out identity as reference or in train", 0)
     c_i = Check(f"{path.parent.name}/{path.name}: references are other faces and identities", 0)
@@ -242,6 +295,8 @@ def audit_manifest(path: Path, checks: list[Check], holdout_ids: set[str], train
                 c_f.fail(f"{r['face_id']}: path {rel!r} escapes its root")
             elif not p.is_file():
                 c_f.fail(f"{r['face_id']}: {p} missing")
+            elif crops[root] is not None and rel not in crops[root]:
+                c_f.fail(f"{r['face_id']}: {p} is not a crop of the library {root}")
         for ident in r["ref_identities"]:
             c_l.checked += 1
             if ident is not None and ident in holdout_ids:
@@ -260,7 +315,8 @@ def run(cfg: AuditConfig) -> list[Check]:
     manifests = list(cfg.manifests or [])
     if cfg.manifests is None and lib.config("pair").is_file():
         try:
-            manifests = [Path(p) for p in json.loads(lib.config("pair").read_text()).get("manifests", {}).values()]
+            pcfg = json.loads(lib.config("pair").read_text())
+            manifests = [_relocated(Path(p), pcfg.get("lib"), lib) for p in pcfg.get("manifests", {}).values()]
         except (ValueError, AttributeError, TypeError) as e:
             checks.append(Check("pair.config.json readable", 1, [f"{lib.config('pair')}: not the JSON `pair` wrote ({e}); "
                                                                  "rerun `refbuild pair` or pass --manifest"]))
@@ -268,7 +324,13 @@ def run(cfg: AuditConfig) -> list[Check]:
         seen = {p.resolve() for p in manifests}
         manifests += [p for p in sorted((lib.root / "manifests").glob("*/*.parquet"))
                       if p.stem in ("train", "val", "test") and p.resolve() not in seen]
-    audit_stale(lib, checks, manifests)
+    moved = {p: old for p in manifests if (old := _moved_from(p, lib)) is not None}
+    if moved:
+        old = next(iter(moved.values()))
+        checks.append(Check("library where its manifests say", len(moved), [
+            f"{lib.root}: this library moved from {old} ({len(moved)} manifest(s) still name it); pass "
+            f"`--data-root {lib.root.resolve()}` to `model train`/`model eval`, or rerun `refbuild pair {lib.root}`"]))
+    audit_stale(lib, checks, [p for p in manifests if p not in moved])
     idents = defaultdict(set)
     for path in manifests:
         try:
@@ -281,10 +343,32 @@ def run(cfg: AuditConfig) -> list[Check]:
             pass  # reported by audit_manifest
     holdout = idents["val"] | idents["test"]
     for path in manifests:
-        if path.is_file():
+        if path.is_file() and path not in moved:
             audit_owner(path, lib, checks)
-        audit_manifest(path, checks, holdout, idents["train"])
+        audit_manifest(path, checks, holdout, idents["train"], lib.root if path in moved else None)
     return checks
+
+
+def _relocated(path: Path, made_in: str | None, lib: Library) -> Path:
+    """A manifest path pair.config.json recorded inside the library's old folder, seen in its new one."""
+    if path.exists() or not made_in or Path(made_in).exists() or not path.is_relative_to(made_in):
+        return path
+    return lib.root / path.relative_to(made_in)
+
+
+def _moved_from(path: Path, lib: Library) -> str | None:
+    """The folder a manifest of this library names when the library has moved since: that folder
+    is gone and every file the manifest lists is under this library instead."""
+    try:
+        meta = metadata(path)
+        rows = read_table(path, "training_manifest", columns=["hr_path", "ref_paths"]).to_pylist()
+    except Exception:
+        return None  # reported by the schema check
+    old = meta.get("ref_root")
+    if not old or meta.get("hr_root") != old or old == str(lib.root.resolve()) or Path(old).exists():
+        return None
+    rels = [r["hr_path"] for r in rows] + [p for r in rows for p in (r["ref_paths"] or [])]
+    return old if rels and all((p := _safe(lib.root, rel)) is not None and p.is_file() for rel in rels) else None
 
 
 def _is_cross(path: Path) -> bool:

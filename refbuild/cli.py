@@ -16,10 +16,10 @@ from typing import Annotated, Optional
 import typer
 from rich.markup import escape
 
-from data_manifests import ManifestError
-from refbuild.cliutil import version_callback
+from refbuild.cliutil import one_line_errors, version_callback
 from refbuild.errors import RefbuildError
 from refbuild.progress import console
+from refbuild.runners import Engine as EngineName
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Build a reference library for MSRNet: detect -> embed -> split -> pair, then query and audit.")
@@ -29,7 +29,7 @@ Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or 
 Overwrite = Annotated[bool, typer.Option(help="Start again from scratch (needed only to abandon an unfinished run that used other settings).")]
 Device = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
 Workers = Annotated[int, typer.Option(help="Worker processes (local engine) or actors (ray engine); 0: one per CPU core (one on GPU). Outputs do not depend on it.")]
-Engine = Annotated[str, typer.Option(help="local (processes on this machine) or ray (Ray Data; pip install 'msrface[ray]').")]
+Engine = Annotated[EngineName, typer.Option(help="local (processes on this machine) or ray (Ray Data; pip install 'msrface[ray]').")]
 
 
 def _floats(text: str | None, n: int | None, opt: str) -> tuple[float, ...] | None:
@@ -44,9 +44,7 @@ def _floats(text: str | None, n: int | None, opt: str) -> tuple[float, ...] | No
     return vals
 
 
-def _check_engine(engine: str, workers: int) -> None:
-    if engine not in ("local", "ray"):
-        raise typer.BadParameter(f"--engine is local or ray, not {engine!r}")
+def _check_engine(engine: EngineName, workers: int) -> None:
     if workers < 0:
         raise typer.BadParameter("--workers must be 0 (auto) or more")
 
@@ -58,12 +56,11 @@ def _main(
     """Build a reference library for MSRNet: detect -> embed -> split -> pair, then query and audit."""
 
 
-def _fail(e: Exception) -> None:
-    console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)  # paths may hold [ ]
-    raise typer.Exit(1)
+command = one_line_errors(console)  # under every @app.command(): errors in one line, handled once
 
 
 @app.command()
+@command
 def detect(
     src: Annotated[Path, typer.Argument(help="Folder of photos (searched recursively).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Library folder to write.")],
@@ -85,7 +82,7 @@ def detect(
     shard_size: Annotated[int, typer.Option(help="Images per resumable shard.")] = 128,
     device: Device = "auto",
     workers: Workers = 0,
-    engine: Engine = "local",
+    engine: Engine = EngineName.local,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
@@ -102,15 +99,13 @@ def detect(
         identity_from="csv" if labels else ("folder" if identity_from_folder else "none"),
         only_labeled=only_labeled, aligned=aligned, all_faces=all_faces, margin=margin, crop_size=crop_size,
         crop_format=crop_format, min_face=min_face, min_prob=min_prob, detect_size=detect_size, max_pixels=max_pixels,
-        limit=limit, batch_size=batch_size, shard_size=shard_size, device=device, workers=workers, engine=engine,
+        limit=limit, batch_size=batch_size, shard_size=shard_size, device=device, workers=workers, engine=engine.value,
         overwrite=overwrite, quiet=quiet)
-    try:
-        run(cfg)
-    except (RefbuildError, ManifestError) as e:
-        _fail(e)
+    run(cfg)
 
 
 @app.command()
+@command
 def embed(
     lib: Lib,
     backbone: Annotated[str, typer.Option(help="vggface (VGG-16, the paper's), hog (gradient orientations + colour, offline) or pixels (baseline, no weights).")] = "vggface",
@@ -126,7 +121,7 @@ def embed(
     device: Device = "auto",
     precision: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), fp32, or bf16 (~2x on CPUs with AVX512-BF16/AMX; features within ~1%).")] = "auto",
     workers: Workers = 0,
-    engine: Engine = "local",
+    engine: Engine = EngineName.local,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
@@ -139,16 +134,14 @@ def embed(
     if precision not in ("auto", "fp32", "bf16"):
         raise typer.BadParameter("--precision is auto, fp32 or bf16")
     layer_t = tuple(int(x) for x in _floats(layers, None, "--layers"))
-    try:
-        run(EmbedConfig(lib=lib, backbone=backbone, weights=weights, weights_sha256=weights_sha256, layers=layer_t,
-                        grid=grid, layer_norm=layer_norm, views=tuple(v.strip() for v in views.split(",")),
-                        lr_scale=lr_scale, batch_size=batch_size, shard_size=shard_size, device=device, precision=precision,
-                        workers=workers, engine=engine, overwrite=overwrite, quiet=quiet))
-    except (RefbuildError, ManifestError) as e:
-        _fail(e)
+    run(EmbedConfig(lib=lib, backbone=backbone, weights=weights, weights_sha256=weights_sha256, layers=layer_t,
+                    grid=grid, layer_norm=layer_norm, views=tuple(v.strip() for v in views.split(",")),
+                    lr_scale=lr_scale, batch_size=batch_size, shard_size=shard_size, device=device, precision=precision,
+                    workers=workers, engine=engine.value, overwrite=overwrite, quiet=quiet))
 
 
 @app.command()
+@command
 def split(
     lib: Lib,
     ratios: Annotated[str, typer.Option(help="train,val,test shares (paper: 14,3,1).")] = "14,3,1",
@@ -165,14 +158,12 @@ def split(
     if unlabeled not in ("singleton", "exclude"):
         raise typer.BadParameter("--unlabeled is singleton or exclude")
     cnt = _floats(counts, 3, "--counts")
-    try:
-        run(SplitConfig(lib=lib, ratios=_floats(ratios, 3, "--ratios"), counts=tuple(int(c) for c in cnt) if cnt else None,
-                        seed=seed, unlabeled=unlabeled, allow_empty=allow_empty, overwrite=overwrite, quiet=quiet))
-    except (RefbuildError, ManifestError) as e:
-        _fail(e)
+    run(SplitConfig(lib=lib, ratios=_floats(ratios, 3, "--ratios"), counts=tuple(int(c) for c in cnt) if cnt else None,
+                    seed=seed, unlabeled=unlabeled, allow_empty=allow_empty, overwrite=overwrite, quiet=quiet))
 
 
 @app.command()
+@command
 def pair(
     lib: Lib,
     m: Annotated[int, typer.Option("-m", help="References per query (paper: 4 best, 5 stored).")] = 4,
@@ -186,55 +177,70 @@ def pair(
     index: Annotated[str, typer.Option(help="exact (default) or ivf: approximate FAISS IVF-Flat L1 on CPU for very large pools; its recall@m against exact search is measured and reported.")] = "exact",
     nlist: Annotated[int, typer.Option(help="--index ivf: inverted lists (0: about 4 sqrt(pool)).")] = 0,
     nprobe: Annotated[int, typer.Option(help="--index ivf: lists visited per query (more: slower, higher recall).")] = 16,
+    query_chunk: Annotated[int, typer.Option(help="Queries per task (a resumable shard, one Ray task with --engine ray).")] = 2048,
     device: Device = "auto",
+    workers: Annotated[int, typer.Option(help="--engine ray: actors, each holding the pool (0: one). The local engine searches in this process, on every core.")] = 0,
+    engine: Engine = EngineName.local,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
     """Top-m non-identity references by summed per-layer L1 (exact search by default), and training manifests."""
     from refbuild.pair import PairConfig, run
 
+    _check_engine(engine, workers)
     if query_view not in ("hr", "lr") or pool not in ("train", "all") or index not in ("exact", "ivf"):
         raise typer.BadParameter("--query-view is hr or lr; --pool is train or all; --index is exact or ivf")
-    try:
-        run(PairConfig(lib=lib, m=m, queries=queries, query_view=query_view, pool=pool,
-                       layer_weights=_floats(layer_weights, None, "--layer-weights"), name=name,
-                       manifest_dir=manifest_dir, pool_chunk=pool_chunk, index=index, nlist=nlist, nprobe=nprobe,
-                       device=device, overwrite=overwrite, quiet=quiet))
-    except (RefbuildError, ManifestError) as e:
-        _fail(e)
+    run(PairConfig(lib=lib, m=m, queries=queries, query_view=query_view, pool=pool,
+                   layer_weights=_floats(layer_weights, None, "--layer-weights"), name=name,
+                   manifest_dir=manifest_dir, pool_chunk=pool_chunk, index=index, nlist=nlist, nprobe=nprobe,
+                   query_chunk=query_chunk, device=device, workers=workers, engine=engine.value,
+                   overwrite=overwrite, quiet=quiet))
 
 
 @app.command()
+@command
 def query(
     lib: Lib,
     sql: Annotated[str, typer.Argument(help="One SELECT over the views faces, rejects, features, features_lr, splits, pairs.")],
     format: Annotated[str, typer.Option("--format", "-f", help="table, csv or json.")] = "table",
     max_rows: Annotated[int, typer.Option(help="Rows shown by --format table.")] = 50,
+    timeout: Annotated[float, typer.Option(help="Stop a query still running after this many seconds (0: no limit).")] = 60.0,
 ) -> None:
     """Read-only DuckDB SQL over the library's Parquet files."""
-    from refbuild.db import run_query
+    from refbuild.db import open_query
     from refbuild.library import Library
 
     if format not in ("table", "csv", "json"):
         raise typer.BadParameter("--format is table, csv or json")
-    try:
-        cols, rows = run_query(Library(lib), sql)
-    except RefbuildError as e:
-        _fail(e)
-    if format == "csv":
-        w = csv.writer(sys.stdout)
-        w.writerow(cols)
-        w.writerows(rows)
-    elif format == "json":
-        sys.stdout.write(json.dumps([dict(zip(cols, r)) for r in rows], default=str) + "\n")
-    else:
-        from rich.console import Console
-        from rich.table import Table
+    if max_rows < 0 or timeout < 0:
+        raise typer.BadParameter("--max-rows and --timeout are 0 or more (--timeout 0: no limit)")
+    with open_query(Library(lib), sql, timeout) as (cols, fetch):
+        if format == "csv":  # streamed: every row, never all of them in memory
+            w = csv.writer(sys.stdout)
+            w.writerow(cols)
+            while rows := fetch(10_000):
+                w.writerows(rows)
+        elif format == "json":  # streamed, the same bytes as one json.dumps of the list
+            sep = "["
+            while rows := fetch(10_000):
+                for r in rows:
+                    sys.stdout.write(sep + json.dumps(dict(zip(cols, r)), default=str))
+                    sep = ", "
+            sys.stdout.write(("[" if sep == "[" else "") + "]\n")
+        else:
+            rows = fetch(max_rows + 1)
+            _print_table(cols, rows[:max_rows], len(rows) > max_rows)
 
-        t = Table(*(escape(c) for c in cols), caption=f"{len(rows)} rows" + (f", first {max_rows} shown" if len(rows) > max_rows else ""))
-        for r in rows[:max_rows]:
-            t.add_row(*(_cell(v) for v in r))
-        Console().print(t)
+
+def _print_table(cols: list[str], rows: list[tuple], cut: bool) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    caption = f"showing first {len(rows)} rows; add LIMIT/OFFSET (or --max-rows) for others" if cut else f"{len(rows)} rows"
+    t = Table(*(escape(c) for c in cols), caption=caption)
+    for r in rows:
+        t.add_row(*(_cell(v) for v in r))
+    Console().print(t)
 
 
 def _cell(v) -> str:
@@ -245,6 +251,7 @@ def _cell(v) -> str:
 
 
 @app.command()
+@command
 def audit(
     lib: Lib,
     hashes: Annotated[bool, typer.Option(help="Re-hash source images against faces.src_sha256.")] = True,
@@ -257,7 +264,7 @@ def audit(
     from refbuild.audit import AuditConfig, run
 
     if not lib.is_dir():
-        _fail(RefbuildError(f"{lib}: library folder not found"))
+        raise RefbuildError(f"{lib}: library folder not found")
     checks = run(AuditConfig(lib=lib, hashes=hashes, manifests=tuple(manifest) if manifest else None))
     bad = [c for c in checks if c.violations]
     if not quiet:
@@ -277,6 +284,7 @@ def audit(
 
 
 @app.command()
+@command
 def report(
     lib: Lib,
     out: Annotated[Path, typer.Option("--out", "-o", help="Report folder to write (index.html, thumbs/); movable, opens offline.")],
@@ -289,11 +297,8 @@ def report(
     """One static HTML page: summary, histograms, query/reference and rejects galleries."""
     from refbuild.report import ReportConfig, run
 
-    try:
-        run(ReportConfig(lib=lib, out=out, thumb_size=thumb_size, quality=quality, page_size=page_size,
-                         workers=workers, quiet=quiet))
-    except (RefbuildError, ManifestError) as e:
-        _fail(e)
+    run(ReportConfig(lib=lib, out=out, thumb_size=thumb_size, quality=quality, page_size=page_size,
+                     workers=workers, quiet=quiet))
 
 
 def main() -> None:

@@ -7,10 +7,16 @@ prints as `error: ...`, exit code 1).
 """
 from __future__ import annotations
 
+import functools
 import sys
 from importlib.metadata import PackageNotFoundError, version as _version
+from typing import Any, Callable, NoReturn
 
 import typer
+from rich.console import Console
+from rich.markup import escape
+
+from data_manifests import MsrfaceError
 
 try:
     from typer._click import exceptions as _exc, utils as _utils  # typer >= 0.2x carries its own click
@@ -30,6 +36,26 @@ def version_callback(value: bool) -> None:
     if value:
         print(f"msrface {package_version()}")
         raise typer.Exit()
+
+
+def fail(console: Console, e: Exception) -> NoReturn:
+    """Print `error: <message>` in one line (paths may hold [ ]: escaped) and exit 1."""
+    console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+    raise typer.Exit(1) from None
+
+
+def one_line_errors(console: Console) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorate a command: any MsrfaceError it raises (refbuild's, model's, a manifest's) becomes
+    one line on `console` and exit 1, in this one place for every command of both CLIs."""
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)  # typer reads the wrapped signature and annotations
+        def command(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(*args, **kwargs)
+            except MsrfaceError as e:
+                fail(console, e)
+        return command
+    return decorate
 
 
 def run_app(app: typer.Typer, prog: str) -> None:

@@ -5,7 +5,6 @@ detected face is then resized to 256x256 according to the bounding box".
 """
 from __future__ import annotations
 
-import csv
 import hashlib
 import io
 import json
@@ -19,14 +18,15 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from data_manifests import FACES, REJECTS, read_table
+from data_manifests import FACES, REJECTS, ManifestError, metadata, read_table
 from refbuild import shards
 from refbuild.errors import RefbuildError
 from refbuild.images import BadImage, Decoded, list_images, read_and_decode
-from refbuild.io import config_dict, library_lock, outputs_together, resolved_config, write_bytes, write_json, write_table
+from refbuild.io import config_dict, library_lock, outputs_together, resolved_config, sha256_file, write_bytes, write_json, write_table
+from refbuild.labels import identity_of, read_labels
 from refbuild.library import Library
 from refbuild.progress import bar, summary
-from pipelines.runners import Runner, make_runner, resolve_workers
+from refbuild.runners import Runner, make_runner, resolve_workers
 
 IdentityFrom = Literal["csv", "folder", "none"]
 RUNTIME_FIELDS = ("device", "batch_size", "quiet", "overwrite", "workers", "engine")
@@ -68,30 +68,6 @@ class DetectConfig:
 
 def face_id(rel_path: str, index: int) -> str:
     return f"{hashlib.sha256(rel_path.encode()).hexdigest()[:16]}-{index}"
-
-
-def read_labels(cfg: DetectConfig) -> dict[str, str]:
-    if cfg.labels is None:
-        return {}
-    if not cfg.labels.is_file():
-        raise RefbuildError(f"{cfg.labels}: labels file not found; pass a CSV with columns path,{cfg.identity_column}")
-    with open(cfg.labels, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        cols = reader.fieldnames or []
-        if "path" not in cols or cfg.identity_column not in cols:
-            raise RefbuildError(
-                f"{cfg.labels}: needs columns 'path' and '{cfg.identity_column}', found {cols}; "
-                "use --identity-column to name the identity column"
-            )
-        return {row["path"].strip(): row[cfg.identity_column].strip() for row in reader if row["path"].strip()}
-
-
-def identity_of(rel: str, labels: dict[str, str], cfg: DetectConfig) -> str | None:
-    if cfg.identity_from == "csv":
-        return labels.get(rel) or None
-    if cfg.identity_from == "folder":  # the photo's own folder; one directly in SRC has none
-        return Path(rel).parent.name or None
-    return None
 
 
 def square_box(box: np.ndarray, margin: float) -> tuple[int, int, int, int]:
@@ -172,12 +148,13 @@ def process_shard(rels: list[str], cfg: DetectConfig, labels: dict[str, str], de
             fid = face_id(rel, k)
             crop_rel = _crop_rel(fid, cfg.crop_format, key)
             sq = tuple(int(v) for v in box) if cfg.aligned else square_box(box, cfg.margin)
-            write_bytes(lib.root / crop_rel, encode_crop(dec.image, sq, cfg.crop_size, cfg.crop_format))
+            data = encode_crop(dec.image, sq, cfg.crop_size, cfg.crop_format)
+            write_bytes(lib.root / crop_rel, data)
             faces.append({
                 **base, "face_id": fid, "face_index": k, "n_faces": n_faces,
                 "box": [float(v) for v in box], "prob": prob,
                 "landmarks": None if lm is None else [float(v) for v in np.concatenate([lm[:, 0], lm[:, 1]])],
-                "crop_path": crop_rel,
+                "crop_path": crop_rel, "crop_sha256": hashlib.sha256(data).hexdigest(),
             })
     return (pa.Table.from_pylist(faces, schema=FACES), pa.Table.from_pylist(rejects, schema=REJECTS))
 
@@ -209,6 +186,44 @@ def plan(cfg: DetectConfig) -> tuple[list[str], list[dict], dict[str, str]]:
     return rels, pre, labels
 
 
+def _stat(path: Path) -> list[int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns]
+
+
+def shard_key(rels: list[str], labels: dict[str, str], cfg: DetectConfig) -> str:
+    """What a shard's result depends on besides the settings and the bytes: its photos and their labels."""
+    return hashlib.sha256(json.dumps([[r, identity_of(r, labels, cfg)] for r in rels]).encode()).hexdigest()
+
+
+def shard_is_current(wdir: Path, index: int, rels: list[str], labels: dict[str, str], cfg: DetectConfig) -> bool:
+    """A finished shard still holds the result of its inputs: the same photos and labels, every source
+    unchanged (same size and mtime, or else the same sha256), every crop in place with its sha256."""
+    rec = shards.done_record(wdir, index)
+    if rec is None or rec.get("key") != shard_key(rels, labels, cfg):
+        return False
+    try:
+        faces = read_table(shards.shard_file(wdir, index, "faces"), "faces")
+        rejects = read_table(shards.shard_file(wdir, index, "rejects"), "rejects")
+    except ManifestError:
+        return False
+    sha = {t["src_path"]: t["src_sha256"] for t in rejects.to_pylist() + faces.select(["src_path", "src_sha256"]).to_pylist()}
+    now = {r: _stat(cfg.src / r) for r in rels}
+    for r in rels:
+        if now[r] != rec["stat"].get(r) and (now[r] is None or sha.get(r) is None or sha256_file(cfg.src / r) != sha[r]):
+            return False
+    for crop, want in zip(faces.column("crop_path").to_pylist(), faces.column("crop_sha256").to_pylist()):
+        p = cfg.out / crop
+        if want is None or not p.is_file() or sha256_file(p) != want:
+            return False
+    if now != rec["stat"]:  # touched, same bytes: remember the new times, so the next rerun need not hash them
+        shards.mark_done(wdir, index, rec | {"stat": now})
+    return True
+
+
 class DetectWorker:
     """Built once per worker (loads MTCNN); called on one shard (index, paths):
     writes the shard's faces, rejects and done-marker, returns the image count."""
@@ -223,11 +238,24 @@ class DetectWorker:
 
     def __call__(self, task: tuple[int, list[str]]) -> int:
         index, rels = task
+        stat = {rel: _stat(self.cfg.src / rel) for rel in rels}  # before reading: a later change is seen next run
         f, r = process_shard(rels, self.cfg, self.labels, self.detector)
         write_table(shards.shard_file(self.wdir, index, "faces"), f, "faces")
         write_table(shards.shard_file(self.wdir, index, "rejects"), r, "rejects")
-        shards.mark_done(self.wdir, index)
+        shards.mark_done(self.wdir, index, {"key": shard_key(rels, self.labels, self.cfg), "stat": stat})
         return len(rels)
+
+
+def check_same_source(lib: Library, cfg: DetectConfig) -> None:
+    """Refuse to replace a library made from another source folder (its crops go, and with them what
+    features, pairs and manifests point to) unless --overwrite."""
+    try:
+        old = metadata(lib.faces).get("src_root") if lib.faces.is_file() else None
+    except Exception:  # unreadable: not a library to protect
+        return
+    if old and old != str(cfg.src.resolve()) and not cfg.overwrite:
+        raise RefbuildError(f"{lib.root}: a library of {old}, not of {cfg.src.resolve()}; pick another --out, "
+                            "or add --overwrite to replace it (its features, splits and pairs must then be remade)")
 
 
 def run(cfg: DetectConfig, runner: Runner | None = None) -> dict:
@@ -237,17 +265,18 @@ def run(cfg: DetectConfig, runner: Runner | None = None) -> dict:
     rels, pre_rejects, labels = plan(cfg)
     lib = Library(cfg.out)
     with library_lock(lib.root, "detect"):
+        check_same_source(lib, cfg)
         wdir = shards.work_dir(lib.root, "detect")
         shards.prepare(wdir, cfg.fingerprint(), cfg.overwrite, inputs={"n_images": len(rels)})
         parts = shards.chunks(len(rels), cfg.shard_size)
-        todo = [i for i in range(len(parts)) if not shards.is_done(wdir, i)]
+        todo = [i for i in range(len(parts)) if not shard_is_current(wdir, i, [rels[j] for j in parts[i]], labels, cfg)]
         t0 = time.perf_counter()
         done_images = sum(len(parts[i]) for i in range(len(parts)) if i not in set(todo))
         tasks = [(i, [rels[j] for j in parts[i]]) for i in todo]
         with bar(cfg.quiet) as prog:
             task = prog.add_task("detect", total=len(rels), completed=done_images)
             workers = resolve_workers(cfg.workers, cfg.device, needs_model=not cfg.aligned)
-            for n in (runner or make_runner(cfg.engine, workers)).map(DetectWorker, (cfg, labels, wdir), tasks):
+            for n in (runner or make_runner(cfg.engine, workers, cfg.device)).map(DetectWorker, (cfg, labels, wdir), tasks):
                 prog.advance(task, n)
         elapsed = time.perf_counter() - t0
         faces = pa.concat_tables([read_table(shards.shard_file(wdir, i, "faces"), "faces") for i in range(len(parts))])

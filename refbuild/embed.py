@@ -30,7 +30,7 @@ from refbuild.io import config_dict, library_lock, outputs_together, resolved_co
 from refbuild.library import Library
 from refbuild.progress import bar, summary
 from refbuild.stale import fingerprints, stamp
-from pipelines.runners import Runner, make_runner, resolve_workers
+from refbuild.runners import Runner, make_runner, resolve_workers
 
 RUNTIME_FIELDS = ("device", "batch_size", "quiet", "overwrite", "weights", "workers", "engine")
 
@@ -161,7 +161,7 @@ def run(cfg: EmbedConfig, runner: Runner | None = None) -> dict:
     t0 = time.perf_counter()
     processed = 0
     runner_workers = resolve_workers(cfg.workers, cfg.device, cfg.backbone == "vggface")
-    runner = runner or make_runner(cfg.engine, runner_workers)
+    runner = runner or make_runner(cfg.engine, runner_workers, cfg.device)
     with library_lock(lib.root, "embed"):
         for view in cfg.views:
             wdir = shards.work_dir(lib.root, f"embed-{view}")

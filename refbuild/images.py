@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from refbuild.errors import RefbuildError
+
 IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
 
 REJECT_REASONS = {
@@ -30,7 +32,9 @@ REJECT_REASONS = {
 }
 
 
-class BadImage(Exception):
+class BadImage(RefbuildError):
+    """An image that cannot be used; detect records it as a reject of `reason` (one of REJECT_REASONS)."""
+
     def __init__(self, reason: str, detail: str):
         assert reason in REJECT_REASONS, reason
         super().__init__(detail)

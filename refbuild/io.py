@@ -161,9 +161,79 @@ def remove_orphan_temps(folder: Path, recursive: bool = False) -> int:
     return n
 
 
+_ORPHAN_WAIT = 5.0  # seconds the workers of a killed holder get to exit (they die with it: refbuild/runners/local.py)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: alive, another user's
+        pass
+    return True
+
+
+def _recorded_pid(record: str) -> int | None:
+    """The pid in a lock record `refbuild STAGE (pid N)`, None when there is none."""
+    tail = record.rpartition("(pid ")[2]
+    return int(tail[:-1]) if tail.endswith(")") and tail[:-1].isdigit() else None
+
+
+def _openers(path: Path) -> list[int]:
+    """The other processes holding `path` open (Linux /proc; empty elsewhere)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return []
+    pids = set()
+    for fd in Path("/proc").glob("[0-9]*/fd/*"):
+        with contextlib.suppress(OSError, ValueError):
+            if os.path.samestat(fd.stat(), st):
+                pids.add(int(fd.parts[2]))
+    return sorted(pids - {os.getpid()})
+
+
+def _read_record(f) -> str:
+    f.seek(0)
+    return f.read().strip()
+
+
+def _take_lock(f, lib: Path, lock_path: Path) -> str:
+    """flock `f` for this process; returns the record the previous holder left, empty unless
+    it was killed (a clean release clears it). A holder that is gone but whose orphaned
+    workers still hold the lock gets `_ORPHAN_WAIT` seconds, then the orphans are named."""
+    deadline = time.monotonic() + _ORPHAN_WAIT
+    while True:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return _read_record(f)
+        except BlockingIOError:
+            pass
+        holder = ""
+        for _ in range(20):  # the holder writes its name right after taking the lock: give it a moment
+            if holder := _read_record(f):
+                break
+            time.sleep(0.05)
+        pid = _recorded_pid(holder)
+        if pid is None or _alive(pid):
+            raise RefbuildError(f"{lib}: library is locked by {holder or 'another process'}; "
+                                "wait for it to finish (or kill it) and rerun")
+        if time.monotonic() > deadline:
+            pids = " ".join(map(str, _openers(lock_path)))
+            who, todo = ((f"processes {pids}", f"kill them (kill {pids})") if pids else
+                         ("processes", f"find them with `fuser {lock_path}`, kill them"))
+            raise RefbuildError(f"{lock_path}: still held by {who} left behind by {holder}, which is no longer "
+                                f"running; {todo} and rerun")
+        time.sleep(0.1)
+
+
 @contextlib.contextmanager
 def library_lock(lib: Path, stage: str) -> Iterator[None]:
-    """Hold an exclusive lock on the library for the duration of a writing stage."""
+    """Hold an exclusive lock on the library for the duration of a writing stage.
+
+    LIB/.lock records the holder while it runs and is cleared when it ends; a record found
+    on taking the lock is a killed holder's, taken over with a one-line notice."""
     lock_path = lib / ".lock"
     try:
         lib.mkdir(parents=True, exist_ok=True)
@@ -171,25 +241,21 @@ def library_lock(lib: Path, stage: str) -> Iterator[None]:
     except OSError as e:
         raise _write_error(lock_path, e) from e
     try:
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = ""
-            for _ in range(20):  # the holder writes its name right after taking the lock: give it a moment
-                f.seek(0)
-                if holder := f.read().strip():
-                    break
-                time.sleep(0.05)
-            holder = holder or "another process"
-            raise RefbuildError(
-                f"{lib}: library is locked by {holder}; wait for it to finish (or kill it) and rerun"
-            ) from None
+        if left := _take_lock(f, lib, lock_path):
+            from refbuild.progress import console
+
+            console.print(f"notice: {lock_path}: {left} ended without releasing the library (killed?); taking over",
+                          markup=False, highlight=False, soft_wrap=True)
         try:  # unbuffered, so a failed write leaves nothing for close() to retry
             os.ftruncate(f.fileno(), 0)
             os.write(f.fileno(), f"refbuild {stage} (pid {os.getpid()})".encode())
         except OSError as e:  # a full disk: the stage could not write anything either
             raise _write_error(lock_path, e) from e
         remove_orphan_temps(lib, recursive=True)  # no writer but us now: every temp file is a killed run's
-        yield
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                os.ftruncate(f.fileno(), 0)  # released, not killed
     finally:
         f.close()

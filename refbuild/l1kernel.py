@@ -91,6 +91,19 @@ def l1_distances(q: np.ndarray, p: np.ndarray) -> np.ndarray:
     return out
 
 
+def _keeping_torch_threads(fn, *args):
+    """Call fn; numba's first parallel call starts an OpenMP pool that also resets torch's
+    thread count in this process (seen: 1 -> 2), and fp32 training results depend on it."""
+    import torch
+
+    n = torch.get_num_threads()
+    try:
+        return fn(*args)
+    finally:
+        if torch.get_num_threads() != n:
+            torch.set_num_threads(n)
+
+
 def topk(q: np.ndarray, p: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The k nearest rows of p for each row of q by L1, nearest first, ties by row (like FAISS).
     Queries go in chunks so that at most OUT_BUDGET bytes of distances are held.
@@ -102,7 +115,7 @@ def topk(q: np.ndarray, p: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         return dist, idx
     step = max(TILE_Q, OUT_BUDGET // (4 * len(p)) // TILE_Q * TILE_Q)
     for s in range(0, n, step):
-        d = l1_distances(q[s : s + step], p)  # chunk, N
+        d = _keeping_torch_threads(l1_distances, q[s : s + step], p)  # chunk, N
         part = np.argpartition(d, k - 1, axis=1)[:, :k] if k < len(p) else np.broadcast_to(np.arange(len(p)), d.shape)
         dk = np.take_along_axis(d, part, 1)
         order = np.lexsort((part, dk), axis=1)  # by distance, then row

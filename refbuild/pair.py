@@ -17,7 +17,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Iterable, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -26,10 +26,11 @@ from data_manifests import PAIRS, TRAINING_MANIFEST, metadata, read_table
 from refbuild import shards
 from refbuild.dupes import library_photo_keys
 from refbuild.errors import RefbuildError
-from refbuild.knn import IVFL1Index, L1Index, auto_nlist, recall_at_m
+from refbuild.knn import IVFL1Index, L1Index, auto_nlist, gpu_wanted, recall_at_m
 from refbuild.io import library_lock, outputs_together, remove_orphan_temps, resolved_config, write_json, write_table
 from refbuild.library import Library
 from refbuild.progress import bar, summary
+from refbuild.runners import make_runner
 from refbuild.stale import fingerprints, stamp
 
 DUP_EPS = 1e-4  # distances below this (per dimension, mean) count as the same photo
@@ -52,8 +53,13 @@ class PairConfig:
     nprobe: int = 16  # ivf: lists visited per query
     recall_sample: int = 500  # ivf: queries whose references are also found exactly, for recall@m
     device: str = "auto"
+    engine: str = "local"  # local: this process; ray: query chunks as tasks over actors that each hold the pool
+    workers: int = 0  # ray actors (0: one)
     quiet: bool = False
     overwrite: bool = False
+
+
+RUNTIME_FIELDS = ("device", "quiet", "overwrite", "name", "manifest_dir", "lib", "pool_chunk", "engine", "workers")
 
 
 @dataclass
@@ -148,6 +154,40 @@ def search_chunk(index: L1Index, q: np.ndarray, qi: list[int], query: Side, pool
             "ref_distances": [d for _, d in chosen],
         })
     return rows
+
+
+@dataclass(frozen=True)
+class PairJob:
+    """Everything a search task needs: both sides, the weighted pool and where shards go."""
+
+    query: Side
+    pool: Side
+    pool_rows: np.ndarray
+    pool_mat: np.ndarray  # P, D weighted pool features
+    w: np.ndarray  # D layer weights
+    cfg: PairConfig
+    k0: int
+    cross: bool
+    wdir: Path
+
+
+class PairSearch:
+    """The worker both engines run: builds the index once, then turns one query chunk
+    (shard index, query rows) into one shard of pairs and its done-marker."""
+
+    def __init__(self, job: PairJob):
+        self.job, cfg = job, job.cfg
+        self.index = IVFL1Index(job.pool_mat, cfg.nlist, cfg.nprobe) if cfg.index == "ivf" else \
+            L1Index(job.pool_mat, cfg.device, cfg.pool_chunk)
+
+    def __call__(self, task: tuple[int, list[int]]) -> int:
+        s, qi = task
+        j = self.job
+        q = np.ascontiguousarray(j.query.feats[qi] * j.w)
+        rows = search_chunk(self.index, q, qi, j.query, j.pool, j.pool_rows, j.cfg.m, j.k0, j.cross)
+        write_table(shards.shard_file(j.wdir, s, "pairs"), pa.Table.from_pylist(rows, schema=PAIRS), "pairs")
+        shards.mark_done(j.wdir, s)
+        return len(qi)
 
 
 def measure_recall(pairs: pa.Table, q_rows: list[int], query: Side, pool: Side, pool_rows: np.ndarray,
@@ -253,7 +293,7 @@ def run(cfg: PairConfig) -> dict:
                 group_sizes[key] = group_sizes.get(key, 0) + 1
     k0 = cfg.m + 2 * max(group_sizes.values(), default=0) + 8
     settings = resolved_config(cfg)
-    for k in ("device", "quiet", "overwrite", "name", "manifest_dir", "lib", "pool_chunk", "used", "provenance"):
+    for k in RUNTIME_FIELDS + ("used", "provenance"):
         settings.pop(k)
     inputs = fingerprints(lib.root, [lib.faces, lib.features("hr"), lib.splits] + ([] if cross else [lib.features(cfg.query_view)]))
     query_inputs = fingerprints(query.lib.root, [query.lib.faces, query.lib.features(cfg.query_view)], absolute=True) if cross else {}
@@ -266,25 +306,25 @@ def run(cfg: PairConfig) -> dict:
     with library_lock(lib.root, "pair"):
         wdir = shards.work_dir(lib.root, f"pair-cross-{out_dir.name}" if cross else "pair")
         shards.prepare(wdir, settings, cfg.overwrite, inputs=inputs | query_inputs)
-        if cfg.index == "ivf":
-            if cfg.device == "cuda":
-                raise RefbuildError("--index ivf runs on CPU (FAISS has no IVF with L1 on GPU); drop --device cuda "
-                                    "or use --index exact")
-            index = IVFL1Index(pool_mat, cfg.nlist, cfg.nprobe)
-        else:
-            index = L1Index(pool_mat, cfg.device, cfg.pool_chunk)
-        gpu = index.gpu
+        if cfg.index == "ivf" and cfg.device == "cuda":
+            raise RefbuildError("--index ivf runs on CPU (FAISS has no IVF with L1 on GPU); drop --device cuda "
+                                "or use --index exact")
+        gpu = cfg.index == "exact" and gpu_wanted(cfg.device)
         parts = shards.chunks(len(q_rows), cfg.query_chunk)
+        tasks = [(s, [q_rows[j] for j in r]) for s, r in enumerate(parts) if not shards.is_done(wdir, s)]
+        job = PairJob(query, pool_side, pool_rows, pool_mat, w, cfg, k0, cross, wdir)
+        if not tasks:
+            counts: Iterable[int] = ()
+        elif cfg.engine == "local":  # in this process, the search kernel on every core
+            search = PairSearch(job)
+            counts = (search(t) for t in tasks)
+        else:
+            counts = make_runner(cfg.engine, max(1, cfg.workers), cfg.device).map(PairSearch, (job,), tasks)
         with bar(cfg.quiet) as prog:
             task = prog.add_task("pair", total=len(q_rows))
-            for s, r in enumerate(parts):
-                if not shards.is_done(wdir, s):
-                    qi = [q_rows[j] for j in r]
-                    q = np.ascontiguousarray(query.feats[qi] * w)
-                    rows = search_chunk(index, q, qi, query, pool_side, pool_rows, cfg.m, k0, cross)
-                    write_table(shards.shard_file(wdir, s, "pairs"), pa.Table.from_pylist(rows, schema=PAIRS), "pairs")
-                    shards.mark_done(wdir, s)
-                prog.advance(task, len(r))
+            prog.advance(task, len(q_rows) - sum(len(qi) for _, qi in tasks))
+            for n in counts:
+                prog.advance(task, n)
         tables = [read_table(shards.shard_file(wdir, s, "pairs"), "pairs") for s in range(len(parts))]
         pairs = pa.concat_tables(tables) if tables else pa.Table.from_pylist([], schema=PAIRS)
         recall = None
@@ -311,6 +351,7 @@ def run(cfg: PairConfig) -> dict:
                             "lower -m or add faces of more identities")
     stats = {"queries": pairs.num_rows, "pool_faces": len(pool_rows), "m": cfg.m, "k_searched": k0,
              "short_of_m (left out of manifests)": short, "index": ("faiss GPU flat L1" if gpu else "exact CPU L1 (refbuild.l1kernel)") + (f", pool chunks of {cfg.pool_chunk}" if cfg.pool_chunk else ""),
+             "engine": cfg.engine + (f" ({max(1, cfg.workers)} actors)" if cfg.engine == "ray" else ""),
              **({"recall@m vs exact": f"{recall['recall']:.4f} on {recall['queries']} queries "
                                          f"(nlist {recall['nlist']}, nprobe {recall['nprobe']})"} if recall else {}),
              "seconds": round(elapsed, 1), "queries_per_s": round(pairs.num_rows / elapsed, 1) if elapsed > 0 else None,

@@ -6,20 +6,25 @@ galleries' rows as an inline JSON blob the page pages through (50 cards a
 page). Pictures are small JPEG thumbnails under `OUT/thumbs/`, named after the
 face id (or a hash of a reject's source path), so the folder can be moved or
 zipped and opens without a server or a network. A rerun only makes the
-thumbnails that are missing or older than their source.
+thumbnails that are missing or older than their source, and deletes the temp
+files a killed run left; two reports never write one folder at once.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import html
 import io
 import json
 import math
+import os
 import re
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from PIL import Image
@@ -27,7 +32,7 @@ from PIL import Image
 from data_manifests import ManifestError, metadata, read_table
 from refbuild.errors import RefbuildError
 from refbuild.images import REJECT_REASONS
-from refbuild.io import config_dict, write_bytes, write_json
+from refbuild.io import config_dict, remove_orphan_temps, write_bytes, write_json
 from refbuild.library import Library
 from refbuild.progress import bar, summary
 
@@ -255,9 +260,39 @@ def _check_out(cfg: ReportConfig) -> None:
         raise RefbuildError("--thumb-size is at least 16, --quality 1..95, --page-size at least 1")
 
 
+@contextlib.contextmanager
+def _held(out: Path) -> Iterator[None]:
+    """Hold OUT for this run (an flock on the folder itself: no lock file in the report) and
+    delete the temp files a killed run left in it: while we hold it, none is another run's."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd = os.open(out, os.O_RDONLY)
+    except OSError as e:
+        raise RefbuildError(f"{out}: cannot create the report folder ({e.strerror or e}); "
+                            "fix permissions or pick another --out") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RefbuildError(f"{out}: another refbuild report is writing this folder; "
+                                "wait for it to finish and rerun") from None
+        except OSError:  # a file system without flock: run unlocked, leaving temp files alone
+            pass
+        else:
+            remove_orphan_temps(out, recursive=True)
+        yield
+    finally:
+        os.close(fd)
+
+
 def run(cfg: ReportConfig) -> dict:
     """Write OUT/index.html, OUT/thumbs/ and OUT/report.json; returns the summary counts."""
     _check_out(cfg)
+    with _held(cfg.out):
+        return _write_report(cfg)
+
+
+def _write_report(cfg: ReportConfig) -> dict:
     lib, out = Library(cfg.lib), cfg.out
     faces, faces_meta = _read(lib.faces, "faces", "detect", lib, required=True)
     rejects, _ = _read(lib.rejects, "rejects", "detect", lib, required=False)

@@ -68,8 +68,18 @@ def is_done(wdir: Path, index: int) -> bool:
     return (wdir / f"shard-{index:05d}.done").exists()
 
 
-def mark_done(wdir: Path, index: int) -> None:
-    write_bytes(wdir / f"shard-{index:05d}.done", b"")
+def mark_done(wdir: Path, index: int, record: dict[str, Any] | None = None) -> None:
+    """Write the done-marker, last; `record` (what the shard was made from) goes inside it."""
+    data = b"" if record is None else json.dumps(record, sort_keys=True).encode()
+    write_bytes(wdir / f"shard-{index:05d}.done", data)
+
+
+def done_record(wdir: Path, index: int) -> dict[str, Any] | None:
+    """The record a finished shard was marked with; None when unfinished, or marked without one."""
+    try:
+        return json.loads((wdir / f"shard-{index:05d}.done").read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def chunks(n: int, size: int) -> list[range]:

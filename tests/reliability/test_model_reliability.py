@@ -190,7 +190,8 @@ def test_resume_after_kill_mid_save(pristine, tmp_path):
     good one and ends with the same weights as a run never killed."""
     _, man = clone(*pristine, tmp_path)
     args = ["train", *map(str, _args(man / "train.parquet", tmp_path / "runs", name="k", steps=3))]
-    env = dict(os.environ, KILL_AT_SAVE="3", KMP_DUPLICATE_LIB_OK="TRUE")
+    # the child trains with this process's thread count: fp32 results depend on it
+    env = dict(os.environ, KILL_AT_SAVE="3", KMP_DUPLICATE_LIB_OK="TRUE", OMP_NUM_THREADS=str(torch.get_num_threads()))
     proc = subprocess.run([sys.executable, "-c", KILL_SAVE, *args], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     run = tmp_path / "runs" / "k"
