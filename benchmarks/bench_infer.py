@@ -4,7 +4,6 @@ faces/s over batch sizes, latency p50/p95 of a single face."""
 from __future__ import annotations
 
 import copy
-import statistics
 import time
 
 import numpy as np

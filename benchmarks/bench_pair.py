@@ -98,19 +98,19 @@ def run(mode: str, repeats: int) -> Stage:
         pool = features(n)
         q = pool
         reps = repeats if n <= 1000 else 1
-        s_o, p_o, a_o = timed_path(lambda: ours(pool, q), reps)
+        s_o, p_o, a_o = timed_path(lambda pool=pool, q=q: ours(pool, q), reps)
         point = {"n": n, "queries_timed": len(q), "dim": pool.shape[1], "k": K, "repeats": reps,
                  "ours_median_s": round(float(np.median(s_o)), 3), "ours_min_s": round(min(s_o), 3), "ours_max_s": round(max(s_o), 3),
                  "ours_peak_rss_mb": round(p_o, 1)}
         if n >= 30000:
             t30 = point["ours_median_s"]
         if n <= FAISS_MAX_N[mode]:
-            s_f, _, a_f = timed_path(lambda: faiss_flat(pool, q), reps)
+            s_f, _, a_f = timed_path(lambda pool=pool, q=q: faiss_flat(pool, q), reps)
             point |= {"faiss_median_s": round(float(np.median(s_f)), 3), "ours_vs_faiss": round(float(np.median(s_f) / np.median(s_o)), 2),
                       "faiss_same": compare(a_o, a_f)["same"]}
             same_all &= point["faiss_same"]
         if n <= BASELINE_MAX_N[mode]:
-            s_b, p_b, a_b = timed_path(lambda: baseline(pool, q), reps)
+            s_b, p_b, a_b = timed_path(lambda pool=pool, q=q: baseline(pool, q), reps)
             cmp = compare(a_o, a_b)
             same_all &= cmp["same"]
             ratio = float(np.median(s_b)) / float(np.median(s_o))

@@ -138,6 +138,20 @@ def check_table(table: pa.Table, name: str, where: str = "<table>") -> None:
         raise ManifestError(f"{where}: columns do not match schema '{name}': expected [{want}], found [{got}]")
 
 
+def check_columns(table: pa.Table, name: str, columns: list[str], where: str = "<table>") -> None:
+    """Raise ManifestError unless `table` (a partial read) has `columns`, each of the type schema `name` gives it."""
+    schema = features_schema(0) if name == "features" else SCHEMAS[name][0]
+    for c in columns:
+        got = table.schema.field(c).type
+        if name == "features" and c == "features":  # any D
+            want, ok = "fixed_size_list<float32>", pa.types.is_fixed_size_list(got) and got.value_type == pa.float32()
+        else:
+            want, ok = str(schema.field(c).type), got == schema.field(c).type
+        if not ok:
+            raise ManifestError(f"{where}: column {c} is {got}, schema '{name}' has {want}; "
+                                "rerun the stage that writes it")
+
+
 def metadata(path: str | Path) -> dict[str, str]:
     """The string key-value metadata of a Parquet file."""
     meta = pq.read_schema(path).metadata or {}
@@ -154,12 +168,19 @@ def _unreadable(path: Path, e: Exception) -> ManifestError:
 
 
 def read_table(path: str | Path, name: str, columns: list[str] | None = None) -> pa.Table:
-    """Read a Parquet file and check its schema name, version and columns.
+    """Read a Parquet file and check its schema name, version and columns (all of them, or
+    the `columns` asked for: each must be in the schema and have its type).
 
     Raises ManifestError naming the file and the fix: missing file, unreadable
     file, other schema, other version.
     """
     path = Path(path)
+    if columns is not None:  # a caller's mistake, not the file's: said before the file is opened
+        known = (features_schema(0) if name == "features" else SCHEMAS[name][0]).names
+        unknown = [c for c in columns if c not in known]
+        if unknown:
+            raise ValueError(f"read_table({name!r}, columns=...): {unknown} not in schema '{name}' "
+                             f"({', '.join(known)})")
     if not path.is_file():
         raise ManifestError(f"{path}: no such file; run the stage that writes it first")
     try:
@@ -184,4 +205,6 @@ def read_table(path: str | Path, name: str, columns: list[str] | None = None) ->
             table = table.add_column(table.schema.get_field_index("crop_path") + 1, "crop_sha256",
                                      pa.nulls(table.num_rows, pa.string()))
         check_table(table, name, str(path))
+    else:
+        check_columns(table, name, columns, str(path))
     return table

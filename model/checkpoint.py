@@ -5,13 +5,13 @@ Layout of `<run>/last.safetensors` and `<run>/best.safetensors`:
             `rng.torch` (and `rng.cuda` on CUDA)
   metadata  `msrface.checkpoint` = JSON {format, model, model_kwargs, step, config,
             optim_param_groups, optim_scalars, python_rng, best, ...}
-Write goes to `<file>.tmp`, is fsynced, then `os.replace`d into place, so a
-crash leaves the previous checkpoint intact.
+Write goes through refbuild.io's atomic writer: a temp file beside the target
+(`.tmp-<file>.*`), fsynced, then `os.replace`d into place, so a crash leaves the
+previous checkpoint intact.
 """
 from __future__ import annotations
 
 import json
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +21,8 @@ import torch
 import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from refbuild.io import _atomic_path
 
 from .errors import CheckpointError, MsrError
 from .registry import create_model
@@ -74,12 +76,8 @@ def save_checkpoint(
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
     meta["python_rng"] = random.getstate()
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta)})
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    with _atomic_path(path) as tmp:  # makes the folder; fsyncs the temp file before the rename
+        save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta)})
 
 
 def resolve_checkpoint(path: Path) -> Path:

@@ -11,10 +11,7 @@ from rich.markup import escape
 from rich.console import Console
 from rich.table import Table
 
-from data_manifests import ManifestError
-from refbuild.cliutil import run_app, version_callback
-
-from .errors import MsrError
+from refbuild.cliutil import one_line_errors, run_app, version_callback
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="MSRNet face super-resolution.")
 err = Console(stderr=True)
@@ -29,6 +26,12 @@ class RefMode(str, Enum):
     shuffled = "shuffled"
 
 
+class Precision(str, Enum):
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
 @app.callback()
 def _main(
     version: Annotated[bool, typer.Option("--version", callback=version_callback, is_eager=True, help="print the version and exit")] = False,
@@ -36,16 +39,8 @@ def _main(
     """MSRNet face super-resolution."""
 
 
-def _run(fn, *args, **kwargs):
-    """Call library code; a user mistake becomes one red line and exit code 1."""
-    try:
-        return fn(*args, **kwargs)
-    except (MsrError, ManifestError) as e:
-        err.print(f"[red]error:[/red] {escape(str(e))}", markup=True, highlight=False, soft_wrap=True)
-        raise typer.Exit(1) from None
-
-
 @app.command()
+@one_line_errors(err)
 def train(
     manifest: Annotated[Path, typer.Option(help="training_manifest Parquet file")],
     model: Annotated[str, typer.Option(help="registered model, see `model list`")] = "msrnet_x8",
@@ -71,7 +66,7 @@ def train(
     ckpt_every: Annotated[int, typer.Option(min=1)] = 500,
     sample_every: Annotated[int, typer.Option(min=1)] = 500,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
-    precision: Annotated[str, typer.Option(help="auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16")] = "auto",
+    precision: Annotated[Precision, typer.Option(help="auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16")] = Precision.auto,
     resume: Annotated[bool, typer.Option("--resume", help="continue <runs-dir>/<name>/last.safetensors")] = False,
     allow_changed_config: Annotated[bool, typer.Option("--allow-changed-config", help="with --resume: accept other result-affecting settings (manifest, steps, lr, ...) than the run's")] = False,
     stop_after: Annotated[Optional[int], typer.Option(help="stop at this step (schedule still spans --steps)")] = None,
@@ -85,15 +80,16 @@ def train(
         num_refs=num_refs, refs=refs.value, ref_dropout=ref_dropout, jitter=jitter, use_swin=not no_swin, steps=steps, batch_size=batch_size, lr=lr,
         warmup_steps=warmup_steps, grad_clip=grad_clip, ema_decay=ema_decay, stage1_weight=stage1_weight,
         workers=workers, seed=seed, log_every=log_every, ckpt_every=ckpt_every, sample_every=sample_every,
-        device=device, precision=precision, resume=resume, allow_changed_config=allow_changed_config,
+        device=device, precision=precision.value, resume=resume, allow_changed_config=allow_changed_config,
         stop_after=stop_after,
     )
-    run_dir = _run(run_train, cfg)
-    if _run(from_env).is_main:  # under torchrun every process returns here
+    run_dir = run_train(cfg)
+    if from_env().is_main:  # under torchrun every process returns here
         out.print(f"run written to {run_dir}")
 
 
 @app.command("eval")
+@one_line_errors(err)
 def eval_cmd(
     checkpoint: Annotated[Path, typer.Option(help="a run's last/best .safetensors")],
     manifest: Annotated[Path, typer.Option(help="training_manifest Parquet file to evaluate on")],
@@ -110,8 +106,8 @@ def eval_cmd(
     """PSNR/SSIM (Y crop=scale and RGB) of SR and bicubic; CSV, JSON and Markdown (and an HTML report)."""
     from .evaluate import METRICS, evaluate
 
-    where, summary = _run(evaluate, checkpoint, manifest, out_dir, refs.value, num_refs, data_root, device,
-                          batch_size, not no_ema, report, seed)
+    where, summary = evaluate(checkpoint, manifest, out_dir, refs.value, num_refs, data_root, device,
+                              batch_size, not no_ema, report, seed)
     t = Table(title=f"{summary['n']} faces ({summary.get('split')} split), x{summary['scale']}, refs {summary['refs']} "
                     f"chosen on the {summary.get('ref_view')} view; bicubic MATLAB-style; *_full: MATLAB Y, no crop")
     t.add_column("method")
@@ -135,6 +131,7 @@ def _note(line: str) -> None:
 
 
 @app.command()
+@one_line_errors(err)
 def infer(
     checkpoint: Annotated[Path, typer.Option(help="a .safetensors checkpoint, or a run folder (its best, else last)")],
     lr: Annotated[list[str], typer.Option("--lr", "--input", "-i", help="LR face images: files, folders (recursive) or quoted globs; repeatable")],
@@ -163,7 +160,7 @@ def infer(
                       num_refs=num_refs, weights=weights, detect=detect, all_faces=all_faces, margin=margin,
                       upscale=upscale, non_square=non_square.value, grid=grid, overwrite=overwrite, device=device,
                       batch_size=batch_size, use_ema=not no_ema)
-    rec = _run(run_infer, cfg, _note)
+    rec = run_infer(cfg, _note)
     faces = [f for i in rec["inputs"] for f in i.get("faces", [])]
     skipped = sum(i["status"] == "skipped" for i in rec["inputs"])
     out.print(f"{len(faces)} SR face(s) x{rec['scale']} written under {out_dir} ({rec['faces_per_s']:.1f} faces/s)"
@@ -178,6 +175,7 @@ def infer(
 
 
 @app.command()
+@one_line_errors(err)
 def export(
     checkpoint: Annotated[Path, typer.Option(help="a run's last/best .safetensors")],
     out_path: Annotated[Path, typer.Option("--out", help="weights file to write")],
@@ -186,11 +184,12 @@ def export(
     """Weights-only copy of a checkpoint (no optimizer state): for sharing, as weights/ does."""
     from .checkpoint import export_weights
 
-    meta = _run(export_weights, checkpoint, out_path, not no_ema)
+    meta = export_weights(checkpoint, out_path, not no_ema)
     out.print(f"{meta['model']} step {meta.get('step')} ({meta['weights']} weights) written to {out_path}")
 
 
 @app.command("list")
+@one_line_errors(err)
 def list_cmd() -> None:
     """Registered model variants."""
     from .registry import list_models

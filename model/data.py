@@ -23,10 +23,10 @@ from torch.utils.data import Dataset, Sampler
 from data_manifests import ManifestError, metadata, read_table
 
 from .errors import MsrError
+from .msrnet import LR_SIZE
 
 RefMode = Literal["matched", "random", "none", "oracle", "shuffled"]
 REF_MODES = ("matched", "random", "none", "oracle", "shuffled")
-LR_SIZE = 16
 
 
 def _safe_rel(p: str, what: str, manifest: Path) -> str:
@@ -67,7 +67,11 @@ def to_tensor(im: Image.Image) -> torch.Tensor:
 
 
 def degrade(hr: Image.Image, scale: int) -> tuple[Image.Image, Image.Image]:
-    """HR crop -> (HR at 16*scale, bicubic 16x16 LR of it)."""
+    """HR crop -> (HR at 16*scale, bicubic 16x16 LR of it).
+
+    Not `refbuild.embed.degrade` (down by `scale` and back up, at the crop's own side: the
+    library's LR view for retrieval): this one is the model's input, always 16x16. The two
+    agree (after upsampling this LR) only on crops of side 16*scale, so both are kept."""
     size = LR_SIZE * scale
     if hr.size != (size, size):
         hr = hr.resize((size, size), Image.BICUBIC)

@@ -21,6 +21,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from refbuild.torchutil import resolve_device
+
 from .errors import MsrError
 
 
@@ -57,8 +59,7 @@ def from_env() -> DistInfo:
 
 def rank_device(name: str, info: DistInfo) -> torch.device:
     """The device of this rank: `auto`/`cuda` -> cuda:LOCAL_RANK under torchrun (set current), else as given."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
+    name = resolve_device(name)
     device = torch.device(name)
     if not info.enabled or device.type != "cuda":
         return device

@@ -2,20 +2,21 @@
 from __future__ import annotations
 
 import csv
+import io
 import logging
-import os
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
+
+from refbuild.io import write_bytes, write_json
+from refbuild.torchutil import pick_device
 
 from .checkpoint import load_checkpoint, model_from_checkpoint
 from .data import ManifestDataset
 from .metrics import bicubic_upsample, psnr, ssim, tensor_to_uint8
-from .runlog import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +106,6 @@ def evaluate(
 
     report=True also writes `report/index.html` with its pictures (see model.report).
     """
-    from .train import pick_device
-
     ck = load_checkpoint(checkpoint)
     checkpoint = ck.path  # a run folder stands for its best (else last) checkpoint
     dev = pick_device(device)
@@ -127,14 +126,13 @@ def evaluate(
 
     summary.update({"checkpoint": str(Path(checkpoint).resolve()), "manifest": str(Path(manifest).resolve()),
                     "model": ck.meta["model"], "use_ema": use_ema, "device": str(dev), "provenance": provenance()})
-    tmp = out_dir / "per_image.csv.tmp"
-    with open(tmp, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, out_dir / "per_image.csv")
-    write_json_atomic(out_dir / "summary.json", summary)
-    (out_dir / "summary.md").write_text(summary_markdown(summary, f"{ck.meta['model']} on {manifest}"))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+    write_bytes(out_dir / "per_image.csv", buf.getvalue().encode())
+    write_json(out_dir / "summary.json", summary)
+    write_bytes(out_dir / "summary.md", summary_markdown(summary, f"{ck.meta['model']} on {manifest}").encode())
     if pages is not None:
         pages.write(rows, summary, Path(checkpoint).parent)
     return out_dir, summary

@@ -13,7 +13,6 @@ input, the faces restored, the references each used and the files written.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -23,12 +22,16 @@ from typing import Any, Callable
 import torch
 from PIL import Image
 
+from refbuild.io import sha256_file, write_json
+from refbuild.torchutil import pick_device
+
 from .checkpoint import load_checkpoint, model_from_checkpoint
-from .data import LR_SIZE, load_rgb, to_tensor
+from .data import load_rgb, to_tensor
 from .errors import MsrError
 from .inputs import Input, change_notes, check_outputs, collect_inputs, output_stem, square_lr
 from .metrics import tensor_to_uint8
-from .runlog import labelled_grid, save_png_atomic, write_json_atomic
+from .msrnet import LR_SIZE
+from .runlog import labelled_grid, save_png_atomic
 
 GRID_ROWS = 16  # faces per grid page
 PASTE_MAX = 1.25  # --detect pastes a face back only if its box, upscaled, is at most this x the SR size
@@ -69,14 +72,6 @@ class Face:
     box: tuple[int, int, int, int] | None = None
     refs: list[dict[str, Any]] = field(default_factory=list)  # face_id, path, identity, distance
     sr: Image.Image | None = None
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def check_library_scale(library: Path, scale: int) -> str | None:
@@ -192,8 +187,6 @@ def infer(cfg: InferConfig, note: Callable[[str], None] = lambda s: None) -> dic
     """Super-resolve every face the inputs hold; returns the `infer.json` record (also written to OUT).
 
     `note` receives one-line notices (resizing, no references, skipped photos, scale mismatch)."""
-    from .train import pick_device
-
     if cfg.library is not None and cfg.refs:
         raise MsrError("give --refs or --library, not both")
     if len(cfg.refs) > 5 or not 0 <= cfg.num_refs <= 5:
@@ -261,5 +254,5 @@ def infer(cfg: InferConfig, note: Callable[[str], None] = lambda s: None) -> dic
         "library": str(cfg.library) if cfg.library else None, "detect": cfg.detect, "grids": [str(g) for g in grids],
         "faces_per_s": round(rate, 2), "inputs": [records[i.path] for i in inputs],
     }
-    write_json_atomic(cfg.out_dir / "infer.json", record)
+    write_json(cfg.out_dir / "infer.json", record)
     return record

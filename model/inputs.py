@@ -15,8 +15,8 @@ from pathlib import Path, PurePath
 import numpy as np
 from PIL import Image
 
-from .data import LR_SIZE
 from .errors import MsrError
+from .msrnet import LR_SIZE
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 

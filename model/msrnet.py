@@ -11,7 +11,7 @@ A 16x16 LR face and m HR references of other identities -> SR face.
   SSM  stage 2 (x16 only): LG-CS2 cross-scale attention (Eq. 8) between global and
        local features, CDFM, x2 -> I_SR at 256
 
-Readings of the paper's vague passages are in docs/DESIGN.model.md. Layout follows
+Readings of the paper's vague passages are in docs/DESIGN.md ("MSRNet (`model/`)"). Layout follows
 timm: blocks, model, `checkpoint_filter_fn`, `_cfg`, registered variants.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ from .registry import register_model
 
 __all__ = ["MSRNet", "CDFM", "CrossScaleAttention", "LocalFeatureExtractor"]
 
-LR_SIZE = 16
+LR_SIZE = 16  # the side of every LR face, for every model family; the one definition (data, infer, inputs import it)
 
 
 def conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:

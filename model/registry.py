@@ -1,4 +1,8 @@
-"""A small timm-style model registry: `register_model`, `create_model`, `list_models`."""
+"""A small timm-style model registry: `register_model`, `create_model`, `list_models`.
+
+As timm's: the model files import this module and register their variants on import;
+this module imports no model file (the package, `model/__init__.py`, imports them all).
+"""
 from __future__ import annotations
 
 import fnmatch
@@ -20,14 +24,8 @@ def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
     return fn
 
 
-def _ensure_loaded() -> None:
-    # Variants register themselves on import of their family file.
-    from . import msrnet, msrnet2, sparnet, swinir  # noqa: F401
-
-
 def list_models(pattern: str = "*") -> list[str]:
     """Sorted names of registered variants matching a glob pattern."""
-    _ensure_loaded()
     return sorted(n for n in _MODELS if fnmatch.fnmatch(n, pattern))
 
 
@@ -37,7 +35,6 @@ def create_model(name: str, **kwargs) -> nn.Module:
     Raises:
         MsrError: unknown model name.
     """
-    _ensure_loaded()
     if name not in _MODELS:
         raise MsrError(f"unknown model {name!r}; choose one of: {', '.join(sorted(_MODELS))}")
     return _MODELS[name](**kwargs)

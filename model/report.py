@@ -14,11 +14,9 @@ The tiles are written during the evaluation pass (`EvalReport.add` is the
 """
 from __future__ import annotations
 
-import hashlib
 import html
 import json
 import math
-import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -26,6 +24,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from PIL import Image
+
+from refbuild.htmlkit import safe_name, script_json
 
 from .data import ManifestDataset
 from .errors import MsrError
@@ -35,7 +35,6 @@ from .runlog import save_png_atomic
 TEMPLATE = Path(__file__).with_name("report_template.html")
 TILE = 128  # largest stored tile; x16 outputs are shrunk to it, smaller ones kept and enlarged by the page (pixelated)
 PAGE_SIZE = 50
-_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _COLUMNS = (("psnr_y", "PSNR Y", 3), ("ssim_y", "SSIM Y", 4), ("psnr_rgb", "PSNR RGB", 3), ("ssim_rgb", "SSIM RGB", 4))
 
 
@@ -50,7 +49,7 @@ def _fmt(x: float, digits: int) -> str:
 
 def _dir_name(face_id: str) -> str:
     # face ids name folders; anything unusual is hashed so it stays one plain file name
-    return face_id if _SAFE_ID.match(face_id) else hashlib.sha256(face_id.encode()).hexdigest()[:24]
+    return safe_name(face_id)
 
 
 def _tile(x: torch.Tensor, size: int) -> Image.Image:
@@ -150,7 +149,7 @@ class EvalReport:
                 .replace("{{METRICS}}", _metrics_html(summary, gains))
                 .replace("{{CHARTS}}", svg_histogram(gains, "PSNR-Y gain per face", "SR minus bicubic, dB"))
                 .replace("{{SAMPLES}}", _samples_html(samples, run_dir))
-                .replace("{{DATA}}", _blob(data))
+                .replace("{{DATA}}", script_json(data, allow_nan=False))
                 .replace("{{BASE_CSS}}", BASE_CSS.read_text(encoding="utf-8"))
                 .replace("{{BASE_JS}}", BASE_JS.read_text(encoding="utf-8")))  # the look of refbuild's report
         (self.stage / "index.html").write_text(page, encoding="utf-8")
@@ -198,9 +197,3 @@ def _samples_html(samples: list[list], run_dir: Path) -> str:
         for rel, s, w, h in samples)
     return ("<p class='note'>Rows of a training batch: LR | bicubic | references | SR | HR, "
             f"as the run wrote them.</p><div class='row'>{figs}</div>")
-
-
-def _blob(obj: Any) -> str:
-    """JSON safe to inline in <script>: no `<`, `>` or `&` can end the element."""
-    s = json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-    return s.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")

@@ -1,11 +1,10 @@
-"""Run outputs: metrics CSV, optional TensorBoard events, sample grids, JSON."""
+"""Run outputs: metrics CSV, optional TensorBoard events, sample grids; every file through refbuild.io's atomic writers."""
 from __future__ import annotations
 
 import contextlib
 import csv
 import fcntl
 import io
-import json
 import logging
 import os
 import time
@@ -16,19 +15,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from refbuild.io import _atomic_path, remove_orphan_temps, write_bytes
+
 from .errors import MsrError
 
 log = logging.getLogger("model")
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def _lock_holder(fh) -> str:
@@ -63,6 +54,7 @@ def run_lock(run_dir: Path) -> Iterator[None]:
         fh.seek(0)
         if stale := fh.read().strip():
             log.warning("%s: taking over the lock of %s, which is no longer running", run_dir, stale)
+        remove_orphan_temps(run_dir)  # no writer but us now: a temp file is a killed run's
         os.ftruncate(fh.fileno(), 0)
         os.write(fh.fileno(), f"model train (pid {os.getpid()})".encode())
         try:
@@ -94,13 +86,13 @@ def trim_metrics(path: Path, fields: list[str], upto: int) -> None:
     w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
     w.writeheader()
     w.writerows(rows)
-    write_text_atomic(path, buf.getvalue())
+    write_bytes(path, buf.getvalue().encode())
 
 
 def save_png_atomic(img: Image.Image, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    img.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    """A PNG through refbuild's atomic writer (temp file beside it, fsync, rename)."""
+    with _atomic_path(path) as tmp:
+        img.save(tmp, format="PNG")
 
 
 class MetricsLogger:

@@ -13,24 +13,20 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
+
+from refbuild.io import config_dict, resolved_config, write_json
+from refbuild.torchutil import resolve_precision
 
 from . import distributed
 from .checkpoint import load_checkpoint, load_weights, restore_optimizer, restore_rng, save_checkpoint
 from .data import ManifestDataset, ResumableBatchSampler
 from .errors import CheckpointError, MsrError
+from .losses import sr_loss
 from .registry import create_model
-from .runlog import MetricsLogger, run_lock, sample_grid, save_png_atomic, write_json_atomic
+from .runlog import MetricsLogger, run_lock, sample_grid, save_png_atomic
 
 log = logging.getLogger("model")
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """auto: bf16 autocast on CUDA (its tensor cores), fp32 on CPU (bf16 there is opt-in)."""
-    if precision not in ("auto", "fp32", "bf16"):
-        raise MsrError(f"--precision {precision!r}: choose auto, fp32 or bf16")
-    return ("bf16" if device.type == "cuda" else "fp32") if precision == "auto" else precision
 
 
 @dataclass(frozen=True)
@@ -72,7 +68,12 @@ class TrainConfig:
     progress: bool = True
 
     def to_json(self) -> dict:
-        return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}
+        return config_dict(self)
+
+    @property
+    def model_kwargs(self) -> dict:
+        """What the registry builds `model` with; a checkpoint records it, a resume must match it."""
+        return {} if self.use_swin else {"use_swin": False}
 
 
 # where and how a run goes, not what it computes: a resume may change these freely
@@ -155,12 +156,6 @@ def drop_refs(mask: torch.Tensor, cfg: TrainConfig, step: int) -> torch.Tensor:
     return mask & (torch.arange(M)[None, :] < limit[:, None])
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 class _Step(nn.Module):
     """forward_features + forward_head as one forward: DDP syncs gradients only of what runs through forward."""
 
@@ -199,19 +194,27 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, device: torch.device) -
         return _train_locked(cfg, info, device, run_dir, last)
 
 
+def _stored(score: float) -> float:
+    """A score (higher is better: val PSNR-Y, or minus the mean training loss) as a checkpoint's
+    `score` and `best` hold it: lower is better (minus the PSNR-Y, or the loss), as checkpoints always
+    have, so old runs resume unchanged. Its own inverse: checkpoint value -> score too."""
+    return -score
+
+
 def _resume_position(ck) -> tuple[int, float]:
+    """The checkpoint's step and best score (higher is better)."""
     step, best = ck.meta.get("step"), ck.meta.get("best")
     if type(step) is not int or step < 0 or type(best) not in (int, float):
         raise CheckpointError(f"{ck.path}: damaged checkpoint (step {step!r}, best {best!r}); resume from "
                               "another checkpoint or start a new run")
-    return step, best
+    return step, _stored(best)
 
 
 def _train_locked(cfg: TrainConfig, info: distributed.DistInfo, device: torch.device, run_dir: Path,
                   last: Path) -> Path:
-    precision = resolve_precision(cfg.precision, device)
+    precision = resolve_precision(cfg.precision, device, MsrError)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    model_kwargs = {} if cfg.use_swin else {"use_swin": False}
+    model_kwargs = cfg.model_kwargs
     model = create_model(cfg.model, **model_kwargs).to(device, memory_format=torch.channels_last)  # faster convs, CPU too
     ds = ManifestDataset(cfg.manifest, model.scale, cfg.num_refs, cfg.refs, cfg.data_root, cfg.flip, cfg.seed,
                          jitter=cfg.jitter)
@@ -223,7 +226,7 @@ def _train_locked(cfg: TrainConfig, info: distributed.DistInfo, device: torch.de
                 raise MsrError(why)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     ema = Ema(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
-    step, best = 0, float("inf")
+    step, best = 0, -math.inf  # higher is better: val PSNR-Y, else minus the mean training loss
     if cfg.resume:  # every rank loads `last`: weights, EMA and optimizer stay identical across ranks
         ck = load_checkpoint(last)
         if ck.meta.get("model") != cfg.model or ck.meta.get("model_kwargs") != model_kwargs:
@@ -251,17 +254,16 @@ def _train_locked(cfg: TrainConfig, info: distributed.DistInfo, device: torch.de
     logger = None
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        from refbuild.io import resolved_config  # absolute paths, what was used, provenance: as every stage's
-
-        write_json_atomic(run_dir / "config.json", resolved_config(
+        # absolute paths, what was used, provenance: as every stage's
+        write_json(run_dir / "config.json", resolved_config(
             cfg, device=str(device), precision=precision, workers=cfg.workers, torch_threads=torch.get_num_threads(),
         ) | {"model_kwargs": model_kwargs, "scale": model.scale, "world_size": info.world_size})
         logger = MetricsLogger(run_dir, ["step", "loss", "lr", "samples_per_s", "val_psnr_y"], step)
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
     def checkpoint(kind: str, score: float) -> None:
-        meta = {"model": cfg.model, "model_kwargs": model_kwargs, "step": step, "best": best,
-                "score": score, "config": cfg.to_json()}
+        meta = {"model": cfg.model, "model_kwargs": model_kwargs, "step": step, "best": _stored(best),
+                "score": _stored(score), "config": cfg.to_json()}
         save_checkpoint(run_dir / f"{kind}.safetensors", model, meta, opt, ema.module if ema else None)
 
     def validate_and_checkpoint() -> None:  # rank 0 only
@@ -270,19 +272,19 @@ def _train_locked(cfg: TrainConfig, info: distributed.DistInfo, device: torch.de
             from .evaluate import evaluate_dataset
 
             summary = evaluate_dataset(ema.module if ema else model, val, device, batch_size=cfg.batch_size)[1]
-            score = -summary["sr"]["psnr_y"]
-            logger.log({"step": step, "val_psnr_y": -score})
+            score = summary["sr"]["psnr_y"]
+            logger.log({"step": step, "val_psnr_y": score})
             model.train()
         else:  # no validation set: best = lowest mean training loss since the last checkpoint
-            score = sum(losses[-cfg.ckpt_every:]) / len(losses[-cfg.ckpt_every:])
-        improved = score < best
+            score = -(sum(losses[-cfg.ckpt_every:]) / len(losses[-cfg.ckpt_every:]))
+        improved = score > best
         if improved:
             best = score
             checkpoint("best", score)
         checkpoint("last", score)
         if val is not None:  # as it goes: a run that stalls shows it at the first checkpoints, not at the end
-            print(f"step {step}: val PSNR-Y {-score:.2f} dB (bicubic {summary['bicubic']['psnr_y']:.2f}, "
-                  f"best {-best:.2f}{', new best' if improved else ''})", flush=True)
+            print(f"step {step}: val PSNR-Y {score:.2f} dB (bicubic {summary['bicubic']['psnr_y']:.2f}, "
+                  f"best {best:.2f}{', new best' if improved else ''})", flush=True)
 
     from .progress import train_progress
 
@@ -297,10 +299,7 @@ def _train_locked(cfg: TrainConfig, info: distributed.DistInfo, device: torch.de
             refs, mask = batch["refs"].to(device), drop_refs(batch["ref_mask"], cfg, step).to(device)
             with amp:
                 feats, sr = net(lr_img, refs, mask)
-                loss = F.l1_loss(sr.float(), hr)
-                if cfg.stage1_weight > 0 and "sr1" in feats:
-                    hr1 = F.interpolate(hr, size=feats["sr1"].shape[-1], mode="bicubic", align_corners=False, antialias=True)
-                    loss = loss + cfg.stage1_weight * F.l1_loss(feats["sr1"].float(), hr1)
+                loss = sr_loss(sr, hr, feats.get("sr1"), cfg.stage1_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()  # under DDP: gradients averaged over ranks = gradient of the global-batch mean
             if cfg.grad_clip > 0:

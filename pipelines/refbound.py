@@ -133,7 +133,7 @@ def collect(checkpoint: Path, manifest: Path, arms: tuple[str, ...], num_refs: i
         res_b, res_m, det = [], [], []
         for i in range(len(ds)):
             s = ds[i]
-            lr, hr, refs, mask = s["lr"], s["hr"], s["refs"][s["ref_mask"]], s["ref_mask"]
+            lr, hr, refs = s["lr"], s["hr"], s["refs"][s["ref_mask"]]
             size = hr.shape[-1]
             if arm == arms[0]:
                 with torch.no_grad():

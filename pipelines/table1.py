@@ -60,8 +60,9 @@ def train_speed(name: str, batch_size: int, num_refs: int, steps: int = 3, seed:
     on random tensors, after one warm-up step: the speed the equal-time budget is computed from."""
     from model import create_model
 
-    torch.manual_seed(seed)
-    model = create_model(name).to(memory_format=torch.channels_last).train()
+    with torch.random.fork_rng(devices=[]):  # a measurement must not reseed the caller
+        torch.manual_seed(seed)
+        model = create_model(name).to(memory_format=torch.channels_last).train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     S = model.out_size
     lr, hr = torch.rand(batch_size, 3, 16, 16), torch.rand(batch_size, 3, S, S)

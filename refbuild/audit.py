@@ -6,7 +6,7 @@ the CLI exits non-zero when any check has a violation.
 from __future__ import annotations
 
 import json
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -78,11 +78,12 @@ def audit_library(lib: Library, hashes: bool, checks: list[Check]) -> dict:
     rows = faces.to_pylist()
     info["faces"] = {r["face_id"]: r for r in rows}
     try:  # near-duplicate photos (refbuild.dupes): a re-encoding is the same photo
-        info["photo"] = dict(zip((r["face_id"] for r in rows), library_photo_keys([(lib, [r["crop_path"] for r in rows])])[0]))
+        keys = library_photo_keys([(lib, [r["crop_path"] for r in rows])])[0]
+        info["photo"] = dict(zip((r["face_id"] for r in rows), keys))
     except RefbuildError:  # a crop missing or unreadable: "crop files present" reports it
         info["photo"] = {}
     c = Check("face ids unique", len(rows))
-    dup = [f for f, n in _count(r["face_id"] for r in rows).items() if n > 1]
+    dup = [f for f, n in Counter(r["face_id"] for r in rows).items() if n > 1]
     c.violations += [f"face_id {f} appears more than once" for f in dup]
     checks.append(c)
     c = Check("crop files present", len(rows))
@@ -96,7 +97,8 @@ def audit_library(lib: Library, hashes: bool, checks: list[Check]) -> dict:
         src_root = Path(metadata(lib.faces).get("src_root", ""))
         c = Check("source files present, sha256 matches", 0)
         if not src_root.is_dir():  # moved or deleted: one line, not one per photo
-            c.fail(f"{src_root}: source folder of faces.parquet not found (moved?); pass --no-hashes to skip this check")
+            c.fail(f"{src_root}: source folder of faces.parquet not found (moved?); "
+                   "pass --no-hashes to skip this check")
         sources = sorted({(r["src_path"], r["src_sha256"]) for r in rows}) if src_root.is_dir() else []
         for src, sha in sources:
             c.checked += 1
@@ -280,7 +282,8 @@ def audit_manifest(path: Path, checks: list[Check], holdout_ids: set[str], train
             if r[k] is None:
                 c_m.fail(f"{r['face_id']}: {k} is null")
                 r[k] = []
-        if not (len(r["ref_paths"]) == len(r["ref_face_ids"]) == len(r["ref_identities"]) == len(r["ref_distances"]) == m):
+        if not (len(r["ref_paths"]) == len(r["ref_face_ids"]) == len(r["ref_identities"])
+                == len(r["ref_distances"]) == m):
             c_m.fail(f"{r['face_id']}: {len(r['ref_paths'])} references, expected {m}")
         for fid, ident in zip(r["ref_face_ids"], r["ref_identities"]):
             c_i.checked += 1
@@ -311,15 +314,15 @@ def audit_manifest(path: Path, checks: list[Check], holdout_ids: set[str], train
 def run(cfg: AuditConfig) -> list[Check]:
     lib = Library(cfg.lib)
     checks: list[Check] = []
-    info = audit_library(lib, cfg.hashes, checks)
+    audit_library(lib, cfg.hashes, checks)
     manifests = list(cfg.manifests or [])
     if cfg.manifests is None and lib.config("pair").is_file():
         try:
             pcfg = json.loads(lib.config("pair").read_text())
             manifests = [_relocated(Path(p), pcfg.get("lib"), lib) for p in pcfg.get("manifests", {}).values()]
         except (ValueError, AttributeError, TypeError) as e:
-            checks.append(Check("pair.config.json readable", 1, [f"{lib.config('pair')}: not the JSON `pair` wrote ({e}); "
-                                                                 "rerun `refbuild pair` or pass --manifest"]))
+            checks.append(Check("pair.config.json readable", 1, [
+                f"{lib.config('pair')}: not the JSON `pair` wrote ({e}); rerun `refbuild pair` or pass --manifest"]))
     if cfg.manifests is None:  # and every manifest the library holds (LIB/manifests/<name>/)
         seen = {p.resolve() for p in manifests}
         manifests += [p for p in sorted((lib.root / "manifests").glob("*/*.parquet"))
@@ -379,9 +382,3 @@ def _is_cross(path: Path) -> bool:
         return False
     return meta.get("hr_root") != meta.get("ref_root")
 
-
-def _count(items) -> dict:
-    out: dict = {}
-    for x in items:
-        out[x] = out.get(x, 0) + 1
-    return out

@@ -75,7 +75,8 @@ def open_query(lib: Library, sql: str, timeout: float | None = DEFAULT_TIMEOUT):
             raise RefbuildError(f"{lib.root}: query stopped after {timeout:g} s; add a WHERE or LIMIT, "
                                 "or pass --timeout SECONDS (0: no limit)") from None
         except duckdb.CatalogException as e:
-            raise RefbuildError(f"{str(e).splitlines()[0]} (views in {lib.root}: {', '.join(present) or 'none'})") from None
+            raise RefbuildError(f"{str(e).splitlines()[0]} "
+                                f"(views in {lib.root}: {', '.join(present) or 'none'})") from None
         except duckdb.Error as e:
             raise RefbuildError(f"query failed: {str(e).splitlines()[0]}") from None
         except MemoryError:
@@ -105,6 +106,3 @@ def run_query(lib: Library, sql: str, max_rows: int | None = None,
             rows += batch
         return cols, rows
 
-
-def scalar(con: duckdb.DuckDBPyConnection, sql: str):
-    return con.execute(sql).fetchone()[0]

@@ -10,6 +10,7 @@ import io
 import json
 import shutil
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -22,7 +23,8 @@ from data_manifests import FACES, REJECTS, ManifestError, metadata, read_table
 from refbuild import shards
 from refbuild.errors import RefbuildError
 from refbuild.images import BadImage, Decoded, list_images, read_and_decode
-from refbuild.io import config_dict, library_lock, outputs_together, resolved_config, sha256_file, write_bytes, write_json, write_table
+from refbuild.io import (config_dict, library_lock, outputs_together, resolved_config, sha256_file, write_bytes,
+                         write_json, write_table)
 from refbuild.labels import identity_of, read_labels
 from refbuild.library import Library
 from refbuild.progress import bar, summary
@@ -80,8 +82,14 @@ def square_box(box: np.ndarray, margin: float) -> tuple[int, int, int, int]:
     return left, top, left + s, top + s
 
 
+def crop_face(img: Image.Image, box: tuple[int, int, int, int], size: int) -> Image.Image:
+    """The square `box` of `img` resized bicubically to size x size; outside the image is black."""
+    return img.crop(box).resize((size, size), Image.BICUBIC)
+
+
 def encode_crop(img: Image.Image, box: tuple[int, int, int, int], size: int, fmt: str) -> bytes:
-    crop = img.crop(box).resize((size, size), Image.BICUBIC)  # outside the image -> black
+    """`crop_face` as the bytes of a crop file: PNG (lossless) or JPEG q95 without chroma subsampling."""
+    crop = crop_face(img, box, size)
     buf = io.BytesIO()
     if fmt == "png":
         crop.save(buf, format="PNG", compress_level=3)
@@ -110,7 +118,8 @@ def process_shard(rels: list[str], cfg: DetectConfig, labels: dict[str, str], de
     decoded: list[tuple[str, Decoded]] = []
     for rel in rels:
         try:
-            decoded.append((rel, read_and_decode(cfg.src / rel, max_pixels=cfg.max_pixels, min_side=cfg.min_image_side, name=rel)))
+            decoded.append((rel, read_and_decode(cfg.src / rel, max_pixels=cfg.max_pixels, min_side=cfg.min_image_side,
+                                                 name=rel)))
         except BadImage as e:
             sha = None
             try:
@@ -124,24 +133,29 @@ def process_shard(rels: list[str], cfg: DetectConfig, labels: dict[str, str], de
         found = detector.detect([d.image for _, d in decoded], batch_size=cfg.batch_size)
     for (rel, dec), res in zip(decoded, found):
         w, h = dec.size
-        base = {"src_path": rel, "src_sha256": dec.sha256, "identity": identity_of(rel, labels, cfg), "img_w": w, "img_h": h}
+        base = {"src_path": rel, "src_sha256": dec.sha256, "identity": identity_of(rel, labels, cfg),
+                "img_w": w, "img_h": h}
         if cfg.aligned:
             side = min(w, h)
             box = ((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side)
             kept = [(np.array(box, np.float32), float("nan"), None)]
             n_faces = 1
         elif isinstance(res, Exception):
-            rejects.append({"src_path": rel, "src_sha256": dec.sha256, "reason": "detector_error", "detail": f"{rel}: {res}"})
+            rejects.append({"src_path": rel, "src_sha256": dec.sha256, "reason": "detector_error",
+                            "detail": f"{rel}: {res}"})
             continue
         else:
             n_faces = len(res)
             confident = [i for i in range(n_faces) if res.probs[i] >= cfg.min_prob]
             if not confident:
-                rejects.append({"src_path": rel, "src_sha256": dec.sha256, "reason": "no_face", "detail": f"{rel}: no face with probability >= {cfg.min_prob}"})
+                rejects.append({"src_path": rel, "src_sha256": dec.sha256, "reason": "no_face",
+                                "detail": f"{rel}: no face with probability >= {cfg.min_prob}"})
                 continue
-            big = [i for i in confident if min(res.boxes[i][2] - res.boxes[i][0], res.boxes[i][3] - res.boxes[i][1]) >= cfg.min_face]
+            big = [i for i in confident
+                   if min(res.boxes[i][2] - res.boxes[i][0], res.boxes[i][3] - res.boxes[i][1]) >= cfg.min_face]
             if not big:
-                rejects.append({"src_path": rel, "src_sha256": dec.sha256, "reason": "face_too_small", "detail": f"{rel}: faces found are below {cfg.min_face} px"})
+                rejects.append({"src_path": rel, "src_sha256": dec.sha256, "reason": "face_too_small",
+                                "detail": f"{rel}: faces found are below {cfg.min_face} px"})
                 continue
             kept = [(res.boxes[i], float(res.probs[i]), res.landmarks[i]) for i in (big if cfg.all_faces else big[:1])]
         for k, (box, prob, lm) in enumerate(kept):
@@ -162,16 +176,18 @@ def process_shard(rels: list[str], cfg: DetectConfig, labels: dict[str, str], de
 def plan(cfg: DetectConfig) -> tuple[list[str], list[dict], dict[str, str]]:
     """The sorted list of images to process, the rejects known before any decoding, and the labels."""
     if cfg.src.is_file():
-        raise RefbuildError(f"{cfg.src}: a file, not a folder; give the folder that holds the photos (searched recursively)")
+        raise RefbuildError(f"{cfg.src}: a file, not a folder; give the folder that holds the photos "
+                            "(searched recursively)")
     if not cfg.src.is_dir():
         raise RefbuildError(f"{cfg.src}: source folder not found")
     rels, outside = list_images(cfg.src)
     labels = read_labels(cfg)
-    pre = [{"src_path": r, "src_sha256": None, "reason": "outside_source", "detail": f"{r}: link to {t} is outside {cfg.src}"} for r, t in outside]
+    pre = [{"src_path": r, "src_sha256": None, "reason": "outside_source",
+            "detail": f"{r}: link to {t} is outside {cfg.src}"} for r, t in outside]
     if labels and not set(labels) & set(rels):
         example = next(iter(labels))
-        raise RefbuildError(f"{cfg.labels}: none of its {len(labels)} paths (e.g. {example!r}) is an image under {cfg.src}; "
-                            "paths must be relative to SRC")
+        raise RefbuildError(f"{cfg.labels}: none of its {len(labels)} paths (e.g. {example!r}) is an image "
+                            f"under {cfg.src}; paths must be relative to SRC")
     if cfg.only_labeled:
         if not labels:
             raise RefbuildError("--only-labeled needs --labels")
@@ -180,9 +196,11 @@ def plan(cfg: DetectConfig) -> tuple[list[str], list[dict], dict[str, str]]:
         rels = rels[: cfg.limit]
     elif labels:
         present = set(rels) | {r for r, _ in outside}
-        pre += [{"src_path": r, "src_sha256": None, "reason": "missing_file", "detail": f"{r}: in {cfg.labels.name} but not in {cfg.src}"} for r in sorted(set(labels) - present)]
+        pre += [{"src_path": r, "src_sha256": None, "reason": "missing_file",
+                 "detail": f"{r}: in {cfg.labels.name} but not in {cfg.src}"} for r in sorted(set(labels) - present)]
     if not rels:
-        raise RefbuildError(f"{cfg.src}: no image files (.jpg .jpeg .png .webp .bmp .tif); point SRC at a folder of photos")
+        raise RefbuildError(f"{cfg.src}: no image files (.jpg .jpeg .png .webp .bmp .tif); "
+                            "point SRC at a folder of photos")
     return rels, pre, labels
 
 
@@ -210,10 +228,12 @@ def shard_is_current(wdir: Path, index: int, rels: list[str], labels: dict[str, 
         rejects = read_table(shards.shard_file(wdir, index, "rejects"), "rejects")
     except ManifestError:
         return False
-    sha = {t["src_path"]: t["src_sha256"] for t in rejects.to_pylist() + faces.select(["src_path", "src_sha256"]).to_pylist()}
+    sha = {t["src_path"]: t["src_sha256"]
+           for t in rejects.to_pylist() + faces.select(["src_path", "src_sha256"]).to_pylist()}
     now = {r: _stat(cfg.src / r) for r in rels}
     for r in rels:
-        if now[r] != rec["stat"].get(r) and (now[r] is None or sha.get(r) is None or sha256_file(cfg.src / r) != sha[r]):
+        if now[r] != rec["stat"].get(r) and (now[r] is None or sha.get(r) is None
+                                             or sha256_file(cfg.src / r) != sha[r]):
             return False
     for crop, want in zip(faces.column("crop_path").to_pylist(), faces.column("crop_sha256").to_pylist()):
         p = cfg.out / crop
@@ -276,7 +296,8 @@ def run(cfg: DetectConfig, runner: Runner | None = None) -> dict:
         with bar(cfg.quiet) as prog:
             task = prog.add_task("detect", total=len(rels), completed=done_images)
             workers = resolve_workers(cfg.workers, cfg.device, needs_model=not cfg.aligned)
-            for n in (runner or make_runner(cfg.engine, workers, cfg.device)).map(DetectWorker, (cfg, labels, wdir), tasks):
+            runner = runner or make_runner(cfg.engine, workers, cfg.device)
+            for n in runner.map(DetectWorker, (cfg, labels, wdir), tasks):
                 prog.advance(task, n)
         elapsed = time.perf_counter() - t0
         faces = pa.concat_tables([read_table(shards.shard_file(wdir, i, "faces"), "faces") for i in range(len(parts))])
@@ -289,15 +310,14 @@ def run(cfg: DetectConfig, runner: Runner | None = None) -> dict:
             write_table(lib.faces, faces, "faces", {"src_root": str(cfg.src.resolve())})
             from refbuild.detector import resolve_device
 
-            write_json(lib.config("detect"), resolved_config(cfg, device=resolve_device(cfg.device) if not cfg.aligned else "none (--aligned)",
-                                                              workers=workers, engine=cfg.engine) | {"n_images": len(rels)})
+            used_device = resolve_device(cfg.device) if not cfg.aligned else "none (--aligned)"
+            used = resolved_config(cfg, device=used_device, workers=workers, engine=cfg.engine)
+            write_json(lib.config("detect"), used | {"n_images": len(rels)})
         shards.finish(wdir)
         for old in lib.crops.iterdir() if lib.crops.is_dir() else []:
             if old.is_dir() and old.name != crop_key(cfg):  # crops of an earlier configuration
                 shutil.rmtree(old)
-    reasons: dict[str, int] = {}
-    for r in rejects.column("reason").to_pylist():
-        reasons[r] = reasons.get(r, 0) + 1
+    reasons = Counter(rejects.column("reason").to_pylist())
     processed = sum(len(parts[i]) for i in todo)
     stats = {
         "images": len(rels),

@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from refbuild.torchutil import resolve_device  # the one device choice; retrieve/embed/detect import it from here
+
 CANVAS_STEP = 32
 
 
@@ -41,12 +43,6 @@ class Faces:
 
     def __len__(self) -> int:
         return len(self.probs)
-
-
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
 
 
 class Detector:

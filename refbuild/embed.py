@@ -28,6 +28,7 @@ from refbuild.backbones import PAPER_LAYERS, Backbone, build_backbone
 from refbuild.errors import RefbuildError
 from refbuild.io import config_dict, library_lock, outputs_together, resolved_config, write_json, write_table
 from refbuild.library import Library
+from refbuild.torchutil import resolve_precision
 from refbuild.progress import bar, summary
 from refbuild.stale import fingerprints, stamp
 from refbuild.runners import Runner, make_runner, resolve_workers
@@ -38,7 +39,7 @@ RUNTIME_FIELDS = ("device", "batch_size", "quiet", "overwrite", "weights", "work
 @dataclass(frozen=True)
 class EmbedConfig:
     lib: Path
-    backbone: Literal["vggface", "hog", "pixels"] = "vggface"
+    backbone: str = "vggface"  # a name registered in refbuild.backbones.BACKBONES
     weights: str | None = None  # path to vgg_face_dag.pth, or "random" (tests only)
     weights_sha256: str | None = None
     layers: tuple[int, ...] = PAPER_LAYERS
@@ -57,7 +58,13 @@ class EmbedConfig:
 
 
 def degrade(img: Image.Image, scale: int) -> Image.Image:
-    """The query's own LR view: bicubic down by `scale`, then bicubic back up."""
+    """The query's own LR view: bicubic down by `scale`, then bicubic back up (same size as `img`).
+
+    Not `model.data.degrade`, on purpose: that one makes the model's fixed 16x16 input (HR first
+    resized to 16*scale, then down to 16x16) and returns it small; this one keeps the crop's own
+    side (a 256 crop at x8 goes 256 -> 32 -> 256) so the backbone sees the LR view at the library's
+    crop size. They agree byte for byte only on crops of side 16*scale (checked on demo and random
+    crops of 64/128/256 px at x4/x8); elsewhere they differ by up to ~80 grey levels."""
     s = img.size[0]
     return img.resize((s // scale, s // scale), Image.BICUBIC).resize((s, s), Image.BICUBIC)
 
@@ -88,16 +95,11 @@ def describe(maps: list[torch.Tensor], grid: int, layer_norm: str) -> torch.Tens
     return torch.cat(parts, dim=1)
 
 
-def layer_slices(backbone: Backbone, grid: int, device: torch.device) -> list[tuple[int, int]]:
-    probe = torch.zeros(1, 3, 256, 256, dtype=torch.uint8, device=device)
-    dims = [m.shape[1] * grid * grid for m in backbone.maps(probe)]
+def layer_slices(backbone: Backbone, grid: int) -> list[tuple[int, int]]:
+    """Each layer's [start, end) in the concatenated vector: from the backbone's channels, no forward pass."""
+    dims = [c * grid * grid for c in backbone.channels]
     starts = np.cumsum([0] + dims)
     return [(int(a), int(b)) for a, b in zip(starts[:-1], starts[1:])]
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """auto: bf16 on CUDA (its tensor cores), fp32 on CPU (exact; bf16 there is opt-in)."""
-    return ("bf16" if device.type == "cuda" else "fp32") if precision == "auto" else precision
 
 
 def process_shard(face_ids: list[str], paths: list[Path], cfg: EmbedConfig, backbone: Backbone, grid: int,
@@ -105,7 +107,8 @@ def process_shard(face_ids: list[str], paths: list[Path], cfg: EmbedConfig, back
     out = []
     for s in range(0, len(paths), cfg.batch_size):
         x = load_crops(paths[s : s + cfg.batch_size], view, cfg.lr_scale, pool).to(device)
-        out.append(describe(backbone.maps(x, resolve_precision(cfg.precision, device)), grid, cfg.layer_norm).cpu().numpy().astype(np.float32))
+        maps = backbone.maps(x, resolve_precision(cfg.precision, device))
+        out.append(describe(maps, grid, cfg.layer_norm).cpu().numpy().astype(np.float32))
     flat = np.concatenate(out).reshape(-1) if out else np.zeros(0, np.float32)
     col = pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float32()), dim)
     return pa.Table.from_arrays([pa.array(face_ids, pa.string()), col], schema=features_schema(dim))
@@ -141,11 +144,11 @@ def run(cfg: EmbedConfig, runner: Runner | None = None) -> dict:
     bad_views = set(cfg.views) - {"hr", "lr"}
     if bad_views:
         raise RefbuildError(f"unknown view(s) {sorted(bad_views)}; use hr and/or lr")
-    backbone = build_backbone(cfg.backbone, cfg.weights, cfg.weights_sha256, cfg.layers)
+    # described, not loaded: the network is built in each worker, the driver needs its sizes and weights_id
+    backbone = build_backbone(cfg.backbone, cfg.weights, cfg.weights_sha256, cfg.layers, load=False)
     device = torch.device(resolve_device(cfg.device))
-    backbone.to(device)
     grid = cfg.grid or backbone.default_grid
-    slices = layer_slices(backbone, grid, device)
+    slices = layer_slices(backbone, grid)
     dim = slices[-1][1]
     ids = faces.column("face_id").to_pylist()
     paths = [lib.safe_path(p) for p in faces.column("crop_path").to_pylist()]
@@ -157,10 +160,11 @@ def run(cfg: EmbedConfig, runner: Runner | None = None) -> dict:
     }
     inputs = fingerprints(lib.root, [lib.faces])
     meta |= stamp(inputs, f"refbuild embed {{lib}} --backbone {cfg.backbone} --views {','.join(cfg.views)}")
-    stats: dict = {"faces": len(ids), "dim": dim, "backbone": backbone.name, "weights": backbone.note, "precision": meta["precision"]}
+    stats: dict = {"faces": len(ids), "dim": dim, "backbone": backbone.name, "weights": backbone.note,
+                   "precision": meta["precision"]}
     t0 = time.perf_counter()
     processed = 0
-    runner_workers = resolve_workers(cfg.workers, cfg.device, cfg.backbone == "vggface")
+    runner_workers = resolve_workers(cfg.workers, cfg.device, backbone.needs_model)
     runner = runner or make_runner(cfg.engine, runner_workers, cfg.device)
     with library_lock(lib.root, "embed"):
         for view in cfg.views:
@@ -170,9 +174,11 @@ def run(cfg: EmbedConfig, runner: Runner | None = None) -> dict:
                 fp.pop(k, None)
             shards.prepare(wdir, fp, cfg.overwrite, inputs=inputs)
             parts = shards.chunks(len(ids), cfg.shard_size)
-            tasks = [(i, [ids[j] for j in r], [paths[j] for j in r]) for i, r in enumerate(parts) if not shards.is_done(wdir, i)]
+            tasks = [(i, [ids[j] for j in r], [paths[j] for j in r])
+                     for i, r in enumerate(parts) if not shards.is_done(wdir, i)]
             with bar(cfg.quiet) as prog:
-                task = prog.add_task(f"embed {view}", total=len(ids), completed=len(ids) - sum(len(t[1]) for t in tasks))
+                task = prog.add_task(f"embed {view}", total=len(ids),
+                                     completed=len(ids) - sum(len(t[1]) for t in tasks))
                 for n in runner.map(EmbedWorker, (cfg, view, grid, dim, wdir), tasks):
                     processed += n
                     prog.advance(task, n)
@@ -180,10 +186,13 @@ def run(cfg: EmbedConfig, runner: Runner | None = None) -> dict:
             for view in cfg.views:
                 wdir = shards.work_dir(lib.root, f"embed-{view}")
                 n_parts = len(shards.chunks(len(ids), cfg.shard_size))
-                table = pa.concat_tables([read_table(shards.shard_file(wdir, i, "features"), "features") for i in range(n_parts)])
+                table = pa.concat_tables([read_table(shards.shard_file(wdir, i, "features"), "features")
+                                          for i in range(n_parts)])
                 write_table(lib.features(view), table, "features", meta | {"view": view})
                 del table
-            write_json(lib.config("embed"), resolved_config(cfg, device=str(device), workers=runner_workers, engine=cfg.engine) | {"grid": grid, "dim": dim, "weights_id": backbone.weights_id, "note": backbone.note})
+            used = resolved_config(cfg, device=str(device), workers=runner_workers, engine=cfg.engine)
+            write_json(lib.config("embed"), used | {"grid": grid, "dim": dim, "weights_id": backbone.weights_id,
+                                                    "note": backbone.note})
         for view in cfg.views:
             shards.finish(shards.work_dir(lib.root, f"embed-{view}"))
     elapsed = time.perf_counter() - t0

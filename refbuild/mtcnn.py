@@ -157,7 +157,8 @@ class Resizer:
         One call per crop: crops differ in size, and a batched exact area resize (integer window sums by
         gathers) measured no faster on CPU, its cost being the crops' pixels either way."""
         pool, imgs = torch._C._nn.adaptive_avg_pool2d, self.imgs  # = F.interpolate(mode="area"), minus its Python
-        out = [pool(imgs[i, :, y : y + h, x : x + w][None], (size, size)) for i, y, x, h, w in zip(inds, y0, x0, ch, cw)]
+        out = [pool(imgs[i, :, y : y + h, x : x + w][None], (size, size))
+               for i, y, x, h, w in zip(inds, y0, x0, ch, cw)]
         return torch.cat(out) if out else torch.empty(0, 3, size, size, device=self.imgs.device)  # NCHW, as facenet's
 
 

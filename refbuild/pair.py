@@ -1,15 +1,20 @@
 """Stage 4, `refbuild pair LIB -m 4`: top-m non-identity references (Eqs. 2-3).
 
-D(Q, R) = sum_l |F_Q^l - F_R^l|_1 over the layers embed stored, searched
-exactly by `refbuild.knn.L1Index`: on CPU a blocked numba L1 kernel
-(`refbuild.l1kernel`), on GPU FAISS's flat METRIC_L1 index when faiss-gpu and
-CUDA are there. Per-layer weights w_l scale each slice, so the weighted sum of
-per-layer L1 distances is one L1 distance over the scaled concatenation.
+D(Q, R) = sum_l w_l |F_Q^l - F_R^l|_1 over the layers embed stored (Eq. 2 with
+per-layer weights, `--layer-weights`, 1 each by default): `weight_vector` scales each
+layer's slice by w_l (w_l > 0), so D is one L1 distance between the scaled
+concatenations. It is searched exactly by `refbuild.knn.L1Index` (on CPU a blocked
+numba L1 kernel, `refbuild.l1kernel`; on GPU FAISS's flat METRIC_L1 index when
+faiss-gpu and CUDA are there), or approximately by `IVFL1Index` (`--index ivf`,
+its recall@m against exact search measured).
 
-Exclusions are per query (same identity group, same identity label, same photo
-by sha256, or distance ~0), so we search k = m + the largest excluded set any
-query can have, filter, and search again wider for the rare query left short.
-This is also what works on GPU, where FAISS ignores IDSelector.
+Exclusions are per query (`search_chunk`): the same identity label, the same identity
+group (within one library), the same photo (sha256, or a near-duplicate crop:
+`refbuild.dupes`), a distance below DUP_EPS per dimension, and a second reference
+from one photo. So we search k = m + 2 x the largest excluded set any query can
+have (group, identity, sha256 or photo) + 8, filter, and search again with the
+index's largest k for the rare query left short. This is also what works on GPU,
+where FAISS ignores IDSelector.
 """
 from __future__ import annotations
 

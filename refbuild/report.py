@@ -19,7 +19,6 @@ import io
 import json
 import math
 import os
-import re
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from PIL import Image
 
 from data_manifests import ManifestError, metadata, read_table
 from refbuild.errors import RefbuildError
+from refbuild.htmlkit import safe_name, script_json
 from refbuild.images import REJECT_REASONS
 from refbuild.io import config_dict, remove_orphan_temps, write_bytes, write_json
 from refbuild.library import Library
@@ -40,7 +40,6 @@ MARKER = "report.json"  # written first and last; a non-empty --out without it i
 TEMPLATE = Path(__file__).with_name("report_template.html")
 BASE_CSS = Path(__file__).with_name("report_base.css")  # shared with model/report_template.html
 BASE_JS = Path(__file__).with_name("report_base.js")  # el() and the gallery pager, shared likewise
-_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _MAX_SRC_PIXELS = 64_000_000  # rejects are untrusted files: refuse to decode bombs
 
 
@@ -75,7 +74,7 @@ def _read(path: Path, name: str, stage: str, lib: Library, required: bool):
 
 def _face_thumb(face_id: str) -> str:
     # face ids are hex-index; anything else (another tool's ids) is hashed so it stays a plain file name
-    name = face_id if _SAFE_ID.match(face_id) else hashlib.sha256(face_id.encode()).hexdigest()[:24]
+    name = safe_name(face_id)
     return f"thumbs/{name[:2]}/{name}.jpg"
 
 
@@ -239,12 +238,6 @@ def _summary_html(lib: Library, faces: list[dict], split_of: dict[str, str], rej
     return "".join(f"<div class='box'>{t}</div>" for t in out)
 
 
-def _blob(obj) -> str:
-    """JSON safe to inline in <script>: no `<`, `>` or `&` can end the element."""
-    s = json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
-    return s.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
-
-
 def _check_out(cfg: ReportConfig) -> None:
     out, lib = cfg.out, cfg.lib
     if not (lib / "faces.parquet").is_file():
@@ -362,7 +355,7 @@ def _write_report(cfg: ReportConfig) -> dict:
             .replace("{{LIB}}", html.escape(str(lib.root.resolve())))
             .replace("{{SUMMARY}}", _summary_html(lib, faces, split_of, rejects, pairs_meta, len(pairs or [])))
             .replace("{{CHARTS}}", charts)
-            .replace("{{DATA}}", _blob(data))
+            .replace("{{DATA}}", script_json(data))
             .replace("{{BASE_CSS}}", BASE_CSS.read_text(encoding="utf-8"))
             .replace("{{BASE_JS}}", BASE_JS.read_text(encoding="utf-8")))
     write_bytes(out / "index.html", page.encode("utf-8"))

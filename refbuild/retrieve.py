@@ -18,7 +18,7 @@ from PIL import Image
 from data_manifests import metadata
 from refbuild.backbones import build_backbone
 from refbuild.detector import Detector, resolve_device
-from refbuild.detect import encode_crop, square_box
+from refbuild.detect import crop_face, square_box
 from refbuild.embed import describe
 from refbuild.errors import RefbuildError
 from refbuild.library import Library
@@ -40,7 +40,8 @@ def retrieve(lib_root: Path, faces: list[Image.Image], m: int = 4, weights: str 
     lib = Library(lib_root)
     cfg_path = lib.require(lib.config("embed"), "embed")
     cfg = json.loads(cfg_path.read_text())
-    backbone = build_backbone(cfg["backbone"], weights or cfg.get("weights"), cfg.get("weights_sha256"), tuple(cfg["layers"]))
+    backbone = build_backbone(cfg["backbone"], weights or cfg.get("weights"), cfg.get("weights_sha256"),
+                              tuple(cfg["layers"]))
     meta = metadata(lib.require(lib.features("hr"), "embed"))
     if backbone.weights_id != meta.get("weights_id"):
         raise RefbuildError(f"{lib.features('hr')}: embedded with weights {meta.get('weights_id')}, "
@@ -51,22 +52,22 @@ def retrieve(lib_root: Path, faces: list[Image.Image], m: int = 4, weights: str 
     rows = np.array([i for i, s in enumerate(side.split) if pool == "all" or s == "train"] or range(len(side.split)))
     size = 256
     x = torch.from_numpy(np.stack([np.asarray(f.convert("RGB").resize((size, size), Image.BICUBIC)) for f in faces]))
-    q = describe(backbone.maps(x.permute(0, 3, 1, 2).to(dev), meta.get("precision", "fp32")), int(meta["grid"]), meta["layer_norm"]).cpu().numpy()
+    maps = backbone.maps(x.permute(0, 3, 1, 2).to(dev), meta.get("precision", "fp32"))  # per layer B, C_l, H_l, W_l
+    q = describe(maps, int(meta["grid"]), meta["layer_norm"]).cpu().numpy()
     dist, idx = L1Index(side.feats[rows], device).search(q, m)
     return [[Reference(side.face_ids[rows[j]], lib.safe_path(side.crop[rows[j]]), side.identity[rows[j]], float(d))
              for d, j in zip(dist[r], idx[r]) if j >= 0] for r in range(len(faces))]
 
 
-def detect_faces(images: list[Image.Image], size: int = 256, margin: float = 0.0, device: str = "auto") -> list[Image.Image | None]:
-    """The most confident face of each photo as a square crop (None where no face)."""
-    import io
-
+def best_face_crops(images: list[Image.Image], size: int = 256, margin: float = 0.0,
+                    device: str = "auto") -> list[Image.Image | None]:
+    """The most confident face of each photo as a square RGB crop, as `refbuild detect` cuts it (None where no
+    face). The MTCNN cascade itself is `refbuild.mtcnn.detect_faces`, behind `refbuild.detector.Detector`."""
     det = Detector(device=device)
     out: list[Image.Image | None] = []
     for img, res in zip(images, det.detect(images)):
         if isinstance(res, Exception) or len(res) == 0:
             out.append(None)
             continue
-        data = encode_crop(img, square_box(res.boxes[0], margin), size, "png")
-        out.append(Image.open(io.BytesIO(data)).convert("RGB"))
+        out.append(crop_face(img, square_box(res.boxes[0], margin), size).convert("RGB"))  # no PNG round-trip
     return out

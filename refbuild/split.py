@@ -16,7 +16,7 @@ from typing import Literal
 import numpy as np
 import pyarrow as pa
 
-from data_manifests import read_table
+from data_manifests import SPLITS, read_table
 from refbuild.dupes import library_photo_keys
 from refbuild.errors import RefbuildError
 from refbuild.io import library_lock, outputs_together, resolved_config, write_json, write_table
@@ -143,30 +143,36 @@ def check_settings(lib: Library, cfg: SplitConfig) -> None:
 
 def check_not_empty(splits: list[str], groups: list, targets: np.ndarray, cfg: SplitConfig) -> None:
     """A split asked for (non-zero share) that got no face is an error, unless --allow-empty."""
-    counts = {n: splits.count(n) for n in SPLIT_NAMES}
+    per_split = Counter(splits)
+    counts = {n: per_split[n] for n in SPLIT_NAMES}
     empty = [n for n, t in zip(SPLIT_NAMES, targets) if t > 0 and counts[n] == 0]
     if empty and not cfg.allow_empty:
         n_groups = len({g for g in groups if g is not None})
-        asked = f"--counts {cfg.counts}" if cfg.counts is not None else f"--ratios {','.join(f'{r:g}' for r in cfg.ratios)}"
-        raise RefbuildError(f"{asked} on {n_groups} identity groups ({sum(counts.values())} faces) leaves {' and '.join(empty)} "
-                            f"empty (train {counts['train']}, val {counts['val']}, test {counts['test']} faces); add identities, "
+        asked = f"--counts {cfg.counts}" if cfg.counts is not None else \
+            f"--ratios {','.join(f'{r:g}' for r in cfg.ratios)}"
+        raise RefbuildError(f"{asked} on {n_groups} identity groups ({sum(counts.values())} faces) leaves "
+                            f"{' and '.join(empty)} empty (train {counts['train']}, val {counts['val']}, "
+                            f"test {counts['test']} faces); add identities, "
                             "change the ratios, or pass --allow-empty")
 
 
 def run(cfg: SplitConfig) -> dict:
     lib = Library(cfg.lib)
     check_settings(lib, cfg)
-    faces = read_table(lib.require(lib.faces, "detect"), "faces", columns=["face_id", "identity", "src_sha256", "crop_path"])
+    faces = read_table(lib.require(lib.faces, "detect"), "faces",
+                       columns=["face_id", "identity", "src_sha256", "crop_path"])
     ids = faces.column("face_id").to_pylist()
     near = library_photo_keys([(lib, faces.column("crop_path").to_pylist())])[0]  # re-encodings are one photo
-    groups = identity_groups(faces.column("identity").to_pylist(), faces.column("src_sha256").to_pylist(), cfg.unlabeled, near)
+    groups = identity_groups(faces.column("identity").to_pylist(), faces.column("src_sha256").to_pylist(),
+                             cfg.unlabeled, near)
     sizes = Counter(g for g in groups if g is not None)
     if not sizes:
         raise RefbuildError(f"{lib.faces}: no faces to split (all unlabelled and --unlabeled exclude)")
     if cfg.counts is not None:
         targets = np.array(cfg.counts, dtype=float)
         if targets.sum() > sum(sizes.values()):
-            raise RefbuildError(f"--counts {cfg.counts} ask for {int(targets.sum())} faces; the library has {sum(sizes.values())}")
+            raise RefbuildError(f"--counts {cfg.counts} ask for {int(targets.sum())} faces; "
+                                f"the library has {sum(sizes.values())}")
     else:
         r = np.array(cfg.ratios, dtype=float)
         if (r < 0).any() or r.sum() <= 0:
@@ -176,8 +182,7 @@ def run(cfg: SplitConfig) -> dict:
     splits = [by_group[g] if g is not None else "unused" for g in groups]
     check_not_empty(splits, groups, targets, cfg)
     inputs = fingerprints(lib.root, [lib.faces])
-    table = pa.table({"face_id": ids, "split": splits, "group": groups}, schema=pa.schema([
-        ("face_id", pa.string()), ("split", pa.string()), ("group", pa.string())]))
+    table = pa.table({"face_id": ids, "split": splits, "group": groups}, schema=SPLITS)
     with library_lock(lib.root, "split"):
         with outputs_together():
             write_table(lib.splits, table, "splits", stamp(inputs, cfg.command()))
@@ -185,9 +190,9 @@ def run(cfg: SplitConfig) -> dict:
     idents = faces.column("identity").to_pylist()
     joined = len({i for i in idents if i is not None}) - len({g for g, i in zip(groups, idents) if i is not None})
     stats: dict = {"faces": len(ids), "groups": len(sizes), "identities_joined_by_shared_photos": joined}
+    faces_in = Counter(splits)
+    groups_in = Counter(s for g, s in set(zip(groups, splits)) if g is not None)  # distinct groups per split
     for name in SPLIT_NAMES + ("unused",):
-        n = splits.count(name)
-        g = len({gr for gr, s in zip(groups, splits) if s == name and gr is not None})
-        stats[name] = f"{n} faces / {g} groups"
+        stats[name] = f"{faces_in[name]} faces / {groups_in[name]} groups"
     summary(f"refbuild split -> {lib.splits}", list(stats.items()), cfg.quiet)
     return stats

@@ -4,8 +4,8 @@ Each actor builds its worker once (models load in the actor, never pickled) and
 processes whole shards; the shard outputs are the same deterministic Parquet files
 the local engine writes, so finished shards are skipped on a rerun with either
 engine. The tasks travel inside the Ray dataset (one row each) and the worker's
-arguments through the object store once (`fn_constructor_args`), never inside the
-actor's code. `ray.init()` joins the cluster named by RAY_ADDRESS, or starts a local
+arguments through the object store once (`ray.put`, the reference passed as
+`fn_constructor_args`), never inside the actor's code. `ray.init()` joins the cluster named by RAY_ADDRESS, or starts a local
 instance. Each actor takes one GPU when the stage runs on CUDA (`--device`), none
 otherwise, whatever the launching machine has.
 """
@@ -28,9 +28,11 @@ def _ray():
 
 
 class _Actor:
-    def __init__(self, worker_cls: Callable[..., Any], args: tuple) -> None:
+    def __init__(self, worker_cls: Callable[..., Any], args: Any) -> None:
+        import ray
+
         single_thread()
-        self.worker = worker_cls(*args)
+        self.worker = worker_cls(*(ray.get(args) if isinstance(args, ray.ObjectRef) else args))
 
     def __call__(self, batch: dict) -> dict:
         return {"n": [self.worker(pickle.loads(t)) for t in batch["task"]]}
@@ -54,7 +56,8 @@ class RayRunner:
         ctx.print_on_execution_start = False
         rows = [{"task": pickle.dumps(t)} for t in tasks]
         ds = ray.data.from_items(rows, override_num_blocks=len(rows))
-        out = ds.map_batches(_Actor, batch_size=1, fn_constructor_args=(worker_cls, args),
+        args_ref = ray.put(args)  # once into the object store; every actor reads it from there
+        out = ds.map_batches(_Actor, batch_size=1, fn_constructor_args=(worker_cls, args_ref),
                              compute=ray.data.ActorPoolStrategy(size=max(1, self.workers)),
                              num_gpus=self.gpus_per_actor)
         for row in out.iter_rows():

@@ -7,6 +7,7 @@ from safetensors.torch import save_file
 
 from model import CheckpointError, create_model
 from model.checkpoint import load_checkpoint, model_from_checkpoint, restore_optimizer, save_checkpoint
+from refbuild.io import TMP_PREFIX
 
 
 def _save(path, name="msrnet_tiny_x4"):
@@ -21,7 +22,7 @@ def _save(path, name="msrnet_tiny_x4"):
 
 def test_round_trip(tmp_path):
     model, opt = _save(tmp_path / "c.safetensors")
-    assert not list(tmp_path.glob("*.tmp"))
+    assert not list(tmp_path.glob(TMP_PREFIX + "*"))  # the atomic writer's temp files
     ck = load_checkpoint(tmp_path / "c.safetensors")
     again = model_from_checkpoint(ck)
     for (n, a), b in zip(model.state_dict().items(), again.state_dict().values()):

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from model import MsrError
 from model.distributed import DistInfo, from_env
 from model.train import TrainConfig, train
+from refbuild.io import TMP_PREFIX
 
 
 def _cfg(manifest, runs, **kw) -> TrainConfig:
@@ -82,5 +83,5 @@ def test_two_gloo_ranks_match_one_process_with_doubled_batch(synthetic_manifest,
     for run in (tmp_path / "ddp", tmp_path / "split"):
         assert _losses(run) == pytest.approx(want, rel=1e-4), run.name  # one row per step: only rank 0 logs
         _assert_same_state(single, run)
-        assert not list(run.glob("*.tmp"))
+        assert not list(run.glob(TMP_PREFIX + "*"))
     assert json.loads((tmp_path / "ddp" / "config.json").read_text())["world_size"] == 2

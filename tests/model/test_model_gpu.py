@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from model.evaluate import evaluate
-from model.train import TrainConfig, resolve_precision, train
+from model.train import TrainConfig, train
+from refbuild.torchutil import resolve_precision
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run `make gpu-check` on a GPU machine)")]

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from model.evaluate import evaluate
 from model.train import TrainConfig, train
+from refbuild.io import TMP_PREFIX
 
 
 def _cfg(manifest, runs, **kw) -> TrainConfig:
@@ -29,7 +30,7 @@ def test_run_outputs(synthetic_manifest, tmp_path, caplog):
         assert "tensorboard" in caplog.text  # not installed: a warning, never silence
     else:
         assert list((run / "tb").glob("events.out.tfevents.*")), "TensorBoard events missing"
-    assert not list(run.glob("*.tmp"))
+    assert not list(run.glob(TMP_PREFIX + "*"))
 
 
 def test_resume_is_exact(synthetic_manifest, tmp_path):

@@ -2,7 +2,6 @@
 and Ray Data actors on a local Ray instance (detect, embed and pair). The files must be byte-identical."""
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np

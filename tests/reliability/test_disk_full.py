@@ -23,8 +23,7 @@ from pathlib import Path
 import pytest
 
 from rb_helpers import invoke, one_line_error
-from rel_helpers import (STAGES, Reference, assert_no_temps, assert_same, build_reference, record, snapshot,
-                         stage_args)
+from rel_helpers import (STAGES, Reference, assert_no_temps, assert_same, build_reference, record, stage_args)
 
 pytestmark = pytest.mark.slow
 

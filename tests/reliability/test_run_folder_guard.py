@@ -8,7 +8,6 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -191,7 +190,7 @@ def test_metrics_after_a_kill_after_a_checkpoint(manifest, halfway, tmp_path):
         fh.write("3,0.5,0.0002,1.0,\r\n")
     mtrain(*_args(manifest, tmp_path / "runs", "r", 4), "--resume")
     assert steps_logged(run) == [1, 2, 3, 4]
-    assert not list(run.glob("*.tmp"))
+    assert not list(run.glob(".tmp-*")) and not list(run.glob("*.tmp"))
     record("run_folder_faults", "metrics after kill after checkpoint")
 
 
