@@ -146,7 +146,7 @@ def table_markdown(table: dict[str, Any]) -> str:
         f"Test split: {any_res['n_test']} faces (split {any_res['split']}, references chosen on the "
         f"{any_res['ref_view'] or 'unrecorded'} view), LR 16x16. Every method: {cfg['steps']} steps x batch "
         f"{cfg['batch_size']} = {cfg['steps'] * cfg['batch_size']} samples, Adam lr {cfg['lr']} (warmup {cfg['warmup_steps']}, cosine), "
-        f"L1, EMA {cfg['ema_decay']}, jitter {cfg['jitter']}, ref dropout {cfg['ref_dropout']}, seeds {seeds} (a row's own in its seeds column); "
+        f"L1, EMA {cfg['ema_decay']} (warmup: min(decay, (1+t)/(10+t))), jitter {cfg['jitter']}, ref dropout {cfg['ref_dropout']}, seeds {seeds} (a row's own in its seeds column); "
         f"mean ± sd over seeds. PSNR/SSIM Y crop = scale (BasicSR) and the literature's (MATLAB Y uint8, whole "
         f"image). FLOPs: forward, per sample, FlopCounterMode ({cfg['num_refs']} references where used). "
         f"samples/s: CPU training speed of the model alone, batch {cfg['batch_size']}; train s: wall seconds of "
