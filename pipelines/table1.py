@@ -199,6 +199,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--workers", type=int, default=0)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--speed-steps", type=int, default=3, help="timed steps per method for samples/s")
+    ap.add_argument("--table-only", action="store_true",
+                    help="train nothing: write the table from the results OUT holds (partial ones included)")
     a = ap.parse_args(argv)
 
     from model import MsrError, list_models
@@ -254,8 +256,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             write_bytes(a.out / "table1.md", table_markdown(table).encode())
         return table
 
+    if a.table_only:
+        for m in methods:
+            runs[m] = [json.loads(p.read_text()) for s in per_method[m]
+                       for p in [a.out / "results" / f"{m}_s{s}.json"] if p.is_file()]
     try:  # seed-major: every method's first seed lands before any method's second
-        for s in sorted({s for ss in per_method.values() for s in ss}):
+        for s in sorted({s for ss in per_method.values() for s in ss}) if not a.table_only else ():
             for m in methods:
                 if s in per_method[m]:
                     runs[m].append(run_one(base, m, s, stops[m], test_m, a.out, a.device, on_partial=write_table))

@@ -42,6 +42,20 @@ def test_table1_end_to_end(synthetic_manifest, tmp_path):
     for m in table1.TINY_METHODS:  # results and the measured speeds (hence the equal-time steps) are kept
         assert again["methods"][m] == table["methods"][m]
     assert json.loads((out / "table1.json").read_text())["config"]["steps"] == 3
+    # --table-only trains nothing and tables what is there, a partial (equal-time only) result included
+    slow = "sparnet_tiny_x8"
+    partial = out / "results" / f"{slow}_s0.json"
+    res = json.loads(partial.read_text())
+    partial.with_suffix(".equal_time.json").write_text(json.dumps({k: v for k, v in res.items() if k in (
+        "method", "seed", "equal_time_step", "equal_time")}))  # what run_one keeps before the full budget
+    partial.unlink()
+    (out / "results" / f"{slow}_s1.json").unlink()
+    runs_before = sorted(p.name for p in (out / "runs").iterdir())
+    only = table1.main(argv + ["--table-only"])
+    assert sorted(p.name for p in (out / "runs").iterdir()) == runs_before
+    assert only["methods"]["msrnet2_tiny_x8"] == table["methods"]["msrnet2_tiny_x8"]
+    md = (out / "table1.md").read_text()
+    assert f"| {slow} |" in md and "not finished" in md.split(f"| {slow} |")[1].split("\n")[0]
 
 
 def test_unknown_method_is_refused(synthetic_manifest, tmp_path):
