@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.console import Console
 from rich.table import Table
 
-from refbuild.cliutil import one_line_errors, run_app, version_callback
+from refbuild.cliutil import Precision, one_line_errors, run_app, version_callback
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="MSRNet face super-resolution.")
 err = Console(stderr=True)
@@ -24,12 +24,6 @@ class RefMode(str, Enum):
     none = "none"
     oracle = "oracle"
     shuffled = "shuffled"
-
-
-class Precision(str, Enum):
-    auto = "auto"
-    fp32 = "fp32"
-    bf16 = "bf16"
 
 
 @app.callback()

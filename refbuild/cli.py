@@ -18,7 +18,7 @@ import typer
 from rich.markup import escape
 
 from refbuild.backbones import BACKBONES, backbones_help
-from refbuild.cliutil import one_line_errors, version_callback
+from refbuild.cliutil import Precision, one_line_errors, version_callback
 from refbuild.errors import RefbuildError
 from refbuild.progress import console
 from refbuild.runners import Engine as EngineName
@@ -51,12 +51,6 @@ class CropFormat(str, enum.Enum):
 class LayerNorm(str, enum.Enum):
     l2 = "l2"
     none = "none"
-
-
-class Precision(str, enum.Enum):
-    auto = "auto"
-    fp32 = "fp32"
-    bf16 = "bf16"
 
 
 class Unlabeled(str, enum.Enum):

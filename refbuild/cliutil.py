@@ -7,6 +7,7 @@ prints as `error: ...`, exit code 1).
 """
 from __future__ import annotations
 
+import enum
 import functools
 import sys
 from importlib.metadata import PackageNotFoundError, version as _version
@@ -22,6 +23,11 @@ try:
     from typer._click import exceptions as _exc, utils as _utils  # typer >= 0.2x carries its own click
 except ImportError:  # older typer: click itself
     from click import exceptions as _exc, utils as _utils
+
+
+# `--precision` of both CLIs (refbuild/torchutil.py resolves it); here, not there, so a CLI
+# does not import torch to parse its options
+Precision = enum.Enum("Precision", {p: p for p in ("auto", "fp32", "bf16")}, type=str)
 
 
 def package_version() -> str:

@@ -7,9 +7,10 @@ from __future__ import annotations
 import torch
 
 from data_manifests import MsrfaceError
+from refbuild.cliutil import Precision
 from refbuild.errors import RefbuildError
 
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = tuple(p.value for p in Precision)
 
 
 def resolve_device(device: str) -> str:

@@ -301,3 +301,12 @@ def build_reference(base: Path) -> Reference:
         r.after[stage] = r.now()
     assert r.writes["detect"] > 40 and r.writes["split"] == 2
     return r
+
+
+def one_line(res) -> str:
+    """A CLI result that failed with exactly one `error:` line (exit 1, no traceback): that line, spaces collapsed."""
+    assert res.exit_code == 1, f"exit {res.exit_code}:\n{res.output}\n{res.exception!r}"
+    assert isinstance(res.exception, SystemExit) and "Traceback" not in res.output, res.output
+    lines = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, res.output
+    return " ".join(res.output[res.output.index("error:"):].split())

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from rb_helpers import build
-from rel_helpers import record
+from rel_helpers import one_line, record
 from tampering import TAMPERS, clone
 
 model_cli = pytest.importorskip("model.cli", reason="model package not importable")
@@ -31,14 +31,6 @@ def mtrain(*args, ok: bool = True):
     if ok:
         assert res.exit_code == 0, f"model train {args} exited {res.exit_code}:\n{res.output}\n{res.exception!r}"
     return res
-
-
-def one_line(res) -> str:
-    assert res.exit_code == 1, f"exit {res.exit_code}:\n{res.output}\n{res.exception!r}"
-    assert isinstance(res.exception, SystemExit) and "Traceback" not in res.output, res.output
-    lines = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1, res.output
-    return " ".join(" ".join(res.output[res.output.index("error:"):].split()).split())
 
 
 def _args(manifest: Path, runs: Path, name: str = "r", steps: int = 1, model: str = TINY) -> list:

@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from rel_helpers import record
+from rel_helpers import one_line, record
 
 model_cli = pytest.importorskip("model.cli", reason="model package not importable")
 
@@ -67,14 +67,6 @@ def mtrain(*args):
     res = invoke(*args)
     assert res.exit_code == 0, f"exit {res.exit_code}:\n{res.output}\n{res.exception!r}"
     return res
-
-
-def one_line(res) -> str:
-    assert res.exit_code == 1, f"exit {res.exit_code}:\n{res.output}\n{res.exception!r}"
-    assert isinstance(res.exception, SystemExit) and "Traceback" not in res.output, res.output
-    lines = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1, res.output
-    return " ".join(res.output[res.output.index("error:"):].split())
 
 
 def steps_logged(run: Path) -> list[int]:
