@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -11,19 +10,14 @@ from rich.markup import escape
 from rich.console import Console
 from rich.table import Table
 
-from refbuild.cliutil import Precision, one_line_errors, run_app, version_callback
+from refbuild.cliutil import Precision, choices, one_line_errors, run_app, version_callback
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="MSRNet face super-resolution.")
 err = Console(stderr=True)
 out = Console()
 
 
-class RefMode(str, Enum):
-    matched = "matched"
-    random = "random"
-    none = "none"
-    oracle = "oracle"
-    shuffled = "shuffled"
+RefMode = choices("RefMode", "matched", "random", "none", "oracle", "shuffled")  # model.data.REF_MODES (torch-free here)
 
 
 @app.callback()
@@ -115,9 +109,7 @@ def eval_cmd(
         out.print(f"report: {where / 'report' / 'index.html'}", soft_wrap=True)
 
 
-class NonSquare(str, Enum):
-    pad = "pad"
-    refuse = "refuse"
+NonSquare = choices("NonSquare", "pad", "refuse")
 
 
 def _note(line: str) -> None:

@@ -3,66 +3,33 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import fcntl
 import io
 import logging
-import os
-import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from refbuild.io import _atomic_path, remove_orphan_temps, write_bytes
+from refbuild.io import LockKind, _atomic_path, folder_lock, write_bytes
 
 from .errors import MsrError
 
 log = logging.getLogger("model")
 
 
-def _lock_holder(fh) -> str:
-    """What the lock file names (the holder writes it right after taking the lock: give it a moment)."""
-    for _ in range(20):
-        fh.seek(0)
-        if holder := fh.read().strip():
-            return holder
-        time.sleep(0.05)
-    return "another process"
+def _run_notice(lock_path: Path, left: str) -> None:
+    log.warning("%s: taking over the lock of %s, which is no longer running", lock_path.parent, left)
 
 
-@contextlib.contextmanager
-def run_lock(run_dir: Path) -> Iterator[None]:
-    """Hold `<run>/.lock` (flock) while a run writes its folder: a second run on it fails at once.
+RUN_LOCK = LockKind("run folder in use by", "wait for it to finish (or kill it), or choose another --name", MsrError,
+                    _run_notice)
 
-    The kernel drops the lock of a dead process; a lock file that still names one
-    (killed mid-run) is taken over with a one-line notice. A clean exit empties it.
-    """
-    path = run_dir / ".lock"
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        fh = open(path, "a+")
-    except OSError as e:
-        raise MsrError(f"{path}: could not create the run lock ({e.strerror or e}); fix permissions or free space") from e
-    try:
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise MsrError(f"{run_dir}: run folder in use by {_lock_holder(fh)}; wait for it to finish (or kill it), "
-                           "or choose another --name") from None
-        fh.seek(0)
-        if stale := fh.read().strip():
-            log.warning("%s: taking over the lock of %s, which is no longer running", run_dir, stale)
-        remove_orphan_temps(run_dir)  # no writer but us now: a temp file is a killed run's
-        os.ftruncate(fh.fileno(), 0)
-        os.write(fh.fileno(), f"model train (pid {os.getpid()})".encode())
-        try:
-            yield
-        finally:
-            os.ftruncate(fh.fileno(), 0)
-    finally:
-        fh.close()
+
+def run_lock(run_dir: Path) -> contextlib.AbstractContextManager[None]:
+    """Hold `<run>/.lock` while a run writes its folder: a second run on it fails at once (`folder_lock`)."""
+    return folder_lock(run_dir, "model train", RUN_LOCK, recursive=False)
 
 
 def _step_of(row: dict[str, Any]) -> int | None:

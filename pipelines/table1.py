@@ -96,29 +96,38 @@ def run_one(base, method: str, seed: int, stop_at: int, test: Path, out: Path, d
     """Train one (method, seed) to base.steps, evaluating at `stop_at` too when it is earlier."""
     from model.evaluate import evaluate
     from model.train import train
+    from refbuild.io import write_json
 
     done = out / "results" / f"{method}_s{seed}.json"
     partial = done.with_suffix(".equal_time.json")  # the equal-time score, kept while the full budget trains
     if done.is_file():
         return json.loads(done.read_text())
     cfg = replace(base, model=method, name=f"{method}_s{seed}", seed=seed, runs_dir=out / "runs")
+    started = (cfg.runs_dir / cfg.name / "last.safetensors").is_file()  # a run killed part-way: resume it
     res: dict[str, Any] = {"method": method, "seed": seed, "equal_time_step": stop_at}
+    if partial.is_file():  # the equal-time score exists: only the rest of the budget is left
+        kept = json.loads(partial.read_text())
+        if kept.get("equal_time_step") != stop_at:
+            raise SystemExit(f"{partial}: equal-time step {kept.get('equal_time_step')}, but these --methods give "
+                             f"{stop_at} (equal time is set by the fastest method listed); rerun with the --methods "
+                             f"of the run that made it")
+        res = {**kept, **res}
+    if started:  # the seconds trained before the kill were not kept: train_seconds is a lower bound
+        res["resumed"] = True
     t0 = time.perf_counter()
-    if stop_at < cfg.steps:
-        run = train(replace(cfg, stop_after=stop_at))
+    if stop_at < cfg.steps and "equal_time" not in res:
+        run = train(replace(cfg, stop_after=stop_at, resume=started))
         res["seconds_to_equal_time_step"] = time.perf_counter() - t0
         _, s = evaluate(run / "last.safetensors", test, out / "eval" / f"{cfg.name}_step{stop_at}", device=device)
         res["equal_time"] = _scores(s)
         partial.parent.mkdir(parents=True, exist_ok=True)
-        partial.write_text(json.dumps(res, indent=2))
+        write_json(partial, res)
         if on_partial:
             on_partial()
-        t1 = time.perf_counter()
-        run = train(replace(cfg, resume=True))
-        seconds = res["seconds_to_equal_time_step"] + time.perf_counter() - t1
-    else:
-        run = train(cfg)
-        seconds = time.perf_counter() - t0
+        started = True
+    t1 = time.perf_counter()
+    run = train(replace(cfg, resume=started))
+    seconds = res.get("seconds_to_equal_time_step", 0.0) + time.perf_counter() - t1
     res["train_seconds"] = seconds
     _, s = evaluate(run / "last.safetensors", test, out / "eval" / cfg.name, device=device)
     res["equal_samples"] = _scores(s)
@@ -126,7 +135,7 @@ def run_one(base, method: str, seed: int, stop_at: int, test: Path, out: Path, d
     res["n_test"], res["split"], res["ref_view"] = s["n"], s.get("split"), s.get("ref_view")
     res.setdefault("equal_time", res["equal_samples"])
     done.parent.mkdir(parents=True, exist_ok=True)
-    done.write_text(json.dumps(res, indent=2))
+    write_json(done, res)
     return res
 
 
@@ -150,7 +159,7 @@ def table_markdown(table: dict[str, Any]) -> str:
         f"mean ± sd over seeds. PSNR/SSIM Y crop = scale (BasicSR) and the literature's (MATLAB Y uint8, whole "
         f"image). FLOPs: forward, per sample, FlopCounterMode ({cfg['num_refs']} references where used). "
         f"samples/s: CPU training speed of the model alone, batch {cfg['batch_size']}; train s: wall seconds of "
-        f"each training (data loading included). Equal time: each method stopped at the step it reaches in the "
+        f"each training (data loading included; ≥: resumed after a kill, the seconds before it not counted). Equal time: each method stopped at the step it reaches in the "
         f"seconds the fastest needs for the full budget (mid-schedule), then resumed.",
         "",
         "| method | params | GFLOPs | train samples/s | train s | PSNR-Y | SSIM-Y | PSNR-Y lit. | SSIM-Y lit. "
@@ -172,11 +181,35 @@ def table_markdown(table: dict[str, Any]) -> str:
         et = [x["equal_time"]["psnr_y"] for x in runs]
         lines.append(
             f"| {name} | {r['params']:,} | {r['flops'] / 1e9:.2f} | {r['samples_per_s']:.1f} "
-            f"| {_agg([x['train_seconds'] for x in runs], 1)} | {_agg(es['psnr_y'], 2)} | {_agg(es['ssim_y'], 4)} "
+            f"| {'≥ ' if any(x.get('resumed') for x in runs) else ''}{_agg([x['train_seconds'] for x in runs], 1)} | {_agg(es['psnr_y'], 2)} | {_agg(es['ssim_y'], 4)} "
             f"| {_agg(es['psnr_y_full'], 2)} | {_agg(es['ssim_y_full'], 4)} | {runs[0]['equal_time_step']} "
             f"| {_agg(et, 2)} | {','.join(str(x['seed']) for x in runs)} |")
     lines += ["", "Not included:"] + [f"- {k}: {v}." for k, v in NOT_INCLUDED.items()]
     return "\n".join(lines) + "\n"
+
+
+def add_recipe_args(ap: argparse.ArgumentParser) -> None:
+    """The training recipe every method of a comparison shares (table1, libsize)."""
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--warmup-steps", type=int, default=None, help="default: min(200, steps // 10)")
+    ap.add_argument("--ema-decay", type=float, default=0.999)
+    ap.add_argument("--ref-dropout", type=float, default=0.5)
+    ap.add_argument("--jitter", type=float, default=0.1)
+    ap.add_argument("--num-refs", type=int, default=4)
+    ap.add_argument("--workers", type=int, default=0)
+    ap.add_argument("--device", default="cpu")
+
+
+def recipe_config(a: argparse.Namespace, manifest: Path, ckpt_every: int):
+    """The shared recipe as a TrainConfig (model, name and seed set per run)."""
+    from model.train import TrainConfig
+
+    warmup = a.warmup_steps if a.warmup_steps is not None else min(200, a.steps // 10)
+    return TrainConfig(manifest=manifest, steps=a.steps, batch_size=a.batch_size, lr=a.lr, warmup_steps=warmup,
+                       ema_decay=a.ema_decay, ref_dropout=a.ref_dropout, jitter=a.jitter, num_refs=a.num_refs,
+                       workers=a.workers, device=a.device, progress=False, ckpt_every=ckpt_every,
+                       sample_every=a.steps, log_every=max(1, min(50, a.steps)))
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -189,15 +222,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                     help=f"registered model names (tiny: {','.join(TINY_METHODS)})")
     ap.add_argument("--out", type=Path, default=Path("table1"))
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--lr", type=float, default=5e-4)
-    ap.add_argument("--warmup-steps", type=int, default=None, help="default: min(200, steps // 10)")
-    ap.add_argument("--ema-decay", type=float, default=0.999)
-    ap.add_argument("--ref-dropout", type=float, default=0.5)
-    ap.add_argument("--jitter", type=float, default=0.1)
-    ap.add_argument("--num-refs", type=int, default=4)
-    ap.add_argument("--workers", type=int, default=0)
-    ap.add_argument("--device", default="cpu")
+    add_recipe_args(ap)
     ap.add_argument("--speed-steps", type=int, default=3, help="timed steps per method for samples/s")
     ap.add_argument("--table-only", action="store_true",
                     help="train nothing: write the table from the results OUT holds (partial ones included)")
@@ -205,7 +230,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     from model import MsrError, list_models
     from refbuild.io import write_bytes, write_json
-    from model.train import TrainConfig
 
     train_m, test_m = a.manifests / "train.parquet", a.manifests / "test.parquet"
     for p in (train_m, test_m):
@@ -222,11 +246,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if m not in per_method or not ss:
             raise SystemExit(f"--method-seeds {item!r}: expected METHOD=SEED[,SEED] with METHOD in --methods")
         per_method[m] = [int(x) for x in ss.split(",")]
-    warmup = a.warmup_steps if a.warmup_steps is not None else min(200, a.steps // 10)
-    base = TrainConfig(manifest=train_m, steps=a.steps, batch_size=a.batch_size, lr=a.lr, warmup_steps=warmup,
-                       ema_decay=a.ema_decay, ref_dropout=a.ref_dropout, jitter=a.jitter, num_refs=a.num_refs,
-                       workers=a.workers, device=a.device, progress=False,
-                       ckpt_every=a.steps, sample_every=a.steps, log_every=max(1, min(50, a.steps)))
+    base = recipe_config(a, train_m, ckpt_every=a.steps)
 
     measured = a.out / "results" / "speed.json"  # kept: a rerun must stop each run at the same step
     known = json.loads(measured.read_text()) if measured.is_file() else {}

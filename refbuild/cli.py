@@ -7,7 +7,6 @@ into a one-line red message and exit code 1.
 from __future__ import annotations
 
 import csv
-import enum
 import json
 import os
 import sys
@@ -18,7 +17,7 @@ import typer
 from rich.markup import escape
 
 from refbuild.backbones import BACKBONES, backbones_help
-from refbuild.cliutil import Precision, one_line_errors, version_callback
+from refbuild.cliutil import Precision, choices, one_line_errors, version_callback
 from refbuild.errors import RefbuildError
 from refbuild.progress import console
 from refbuild.runners import Engine as EngineName
@@ -40,43 +39,14 @@ Engine = Annotated[EngineName, typer.Option(
 
 # Choices: typer checks them and shows them in --help; each command passes `.value` on, so the
 # stages' frozen configs (and their fingerprints) hold the same plain strings as before.
-BackboneName = enum.Enum("BackboneName", {n: n for n in BACKBONES}, type=str)  # the registry's names
-
-
-class CropFormat(str, enum.Enum):
-    png = "png"
-    jpg = "jpg"
-
-
-class LayerNorm(str, enum.Enum):
-    l2 = "l2"
-    none = "none"
-
-
-class Unlabeled(str, enum.Enum):
-    singleton = "singleton"
-    exclude = "exclude"
-
-
-class QueryView(str, enum.Enum):
-    hr = "hr"
-    lr = "lr"
-
-
-class RefPool(str, enum.Enum):
-    train = "train"
-    all = "all"
-
-
-class IndexKind(str, enum.Enum):
-    exact = "exact"
-    ivf = "ivf"
-
-
-class OutputFormat(str, enum.Enum):
-    table = "table"
-    csv = "csv"
-    json = "json"
+BackboneName = choices("BackboneName", *BACKBONES)  # the registry's names
+CropFormat = choices("CropFormat", "png", "jpg")
+LayerNorm = choices("LayerNorm", "l2", "none")
+Unlabeled = choices("Unlabeled", "singleton", "exclude")
+QueryView = choices("QueryView", "hr", "lr")
+RefPool = choices("RefPool", "train", "all")
+IndexKind = choices("IndexKind", "exact", "ivf")
+OutputFormat = choices("OutputFormat", "table", "csv", "json")
 
 
 def _precision(value: str | Precision) -> Precision:

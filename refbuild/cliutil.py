@@ -27,7 +27,12 @@ except ImportError:  # older typer: click itself
 
 # `--precision` of both CLIs (refbuild/torchutil.py resolves it); here, not there, so a CLI
 # does not import torch to parse its options
-Precision = enum.Enum("Precision", {p: p for p in ("auto", "fp32", "bf16")}, type=str)
+def choices(name: str, *values: str) -> type[enum.Enum]:
+    """A str Enum whose members are `values`, named as they are spelled: what typer shows as an option's choices."""
+    return enum.Enum(name, {v: v for v in values}, type=str)
+
+
+Precision = choices("Precision", "auto", "fp32", "bf16")
 
 
 def package_version() -> str:

@@ -16,7 +16,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -199,7 +199,17 @@ def _read_record(f) -> str:
     return f.read().strip()
 
 
-def _take_lock(f, lib: Path, lock_path: Path) -> str:
+@dataclasses.dataclass(frozen=True)
+class LockKind:
+    """What a folder lock says: its refusal when held (`busy` + holder + `hint`) and how it tells of a takeover."""
+
+    busy: str  # "library is locked by"
+    hint: str  # what the refused process should do
+    error: type[Exception]
+    notice: Callable[[Path, str], None]  # (lock file, the killed holder's record)
+
+
+def _take_lock(f, folder: Path, lock_path: Path, kind: LockKind) -> str:
     """flock `f` for this process; returns the record the previous holder left, empty unless
     it was killed (a clean release clears it). A holder that is gone but whose orphaned
     workers still hold the lock gets `_ORPHAN_WAIT` seconds, then the orphans are named."""
@@ -217,41 +227,40 @@ def _take_lock(f, lib: Path, lock_path: Path) -> str:
             time.sleep(0.05)
         pid = _recorded_pid(holder)
         if pid is None or _alive(pid):
-            raise RefbuildError(f"{lib}: library is locked by {holder or 'another process'}; "
-                                "wait for it to finish (or kill it) and rerun")
+            raise kind.error(f"{folder}: {kind.busy} {holder or 'another process'}; {kind.hint}")
         if time.monotonic() > deadline:
             pids = " ".join(map(str, _openers(lock_path)))
             who, todo = ((f"processes {pids}", f"kill them (kill {pids})") if pids else
                          ("processes", f"find them with `fuser {lock_path}`, kill them"))
-            raise RefbuildError(f"{lock_path}: still held by {who} left behind by {holder}, which is no longer "
-                                f"running; {todo} and rerun")
+            raise kind.error(f"{lock_path}: still held by {who} left behind by {holder}, which is no longer "
+                             f"running; {todo} and rerun")
         time.sleep(0.1)
 
 
 @contextlib.contextmanager
-def library_lock(lib: Path, stage: str) -> Iterator[None]:
-    """Hold an exclusive lock on the library for the duration of a writing stage.
+def folder_lock(folder: Path, holder: str, kind: LockKind, recursive: bool = True) -> Iterator[None]:
+    """Hold FOLDER/.lock (flock) while `holder` (e.g. "refbuild embed") writes the folder.
 
-    LIB/.lock records the holder while it runs and is cleared when it ends; a record found
-    on taking the lock is a killed holder's, taken over with a one-line notice."""
-    lock_path = lib / ".lock"
+    The lock file records the holder while it runs and is emptied when it ends; a record
+    found on taking the lock is a killed holder's, taken over with `kind.notice`. Temp
+    files left in the folder are then a killed writer's and are removed."""
+    lock_path = folder / ".lock"
     try:
-        lib.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)
         f = open(lock_path, "a+")
     except OSError as e:
-        raise _write_error(lock_path, e) from e
+        raise kind.error(f"{lock_path}: could not write ({e.strerror or e}); "
+                         "free space or fix permissions and rerun") from e
     try:
-        if left := _take_lock(f, lib, lock_path):
-            from refbuild.progress import console
-
-            console.print(f"notice: {lock_path}: {left} ended without releasing the library (killed?); taking over",
-                          markup=False, highlight=False, soft_wrap=True)
+        if left := _take_lock(f, folder, lock_path, kind):
+            kind.notice(lock_path, left)
         try:  # unbuffered, so a failed write leaves nothing for close() to retry
             os.ftruncate(f.fileno(), 0)
-            os.write(f.fileno(), f"refbuild {stage} (pid {os.getpid()})".encode())
+            os.write(f.fileno(), f"{holder} (pid {os.getpid()})".encode())
         except OSError as e:  # a full disk: the stage could not write anything either
-            raise _write_error(lock_path, e) from e
-        remove_orphan_temps(lib, recursive=True)  # no writer but us now: every temp file is a killed run's
+            raise kind.error(f"{lock_path}: could not write ({e.strerror or e}); "
+                             "free space or fix permissions and rerun") from e
+        remove_orphan_temps(folder, recursive=recursive)  # no writer but us now: every temp file is a killed run's
         try:
             yield
         finally:
@@ -259,3 +268,19 @@ def library_lock(lib: Path, stage: str) -> Iterator[None]:
                 os.ftruncate(f.fileno(), 0)  # released, not killed
     finally:
         f.close()
+
+
+def _library_notice(lock_path: Path, left: str) -> None:
+    from refbuild.progress import console
+
+    console.print(f"notice: {lock_path}: {left} ended without releasing the library (killed?); taking over",
+                  markup=False, highlight=False, soft_wrap=True)
+
+
+LIBRARY_LOCK = LockKind("library is locked by", "wait for it to finish (or kill it) and rerun", RefbuildError,
+                        _library_notice)
+
+
+def library_lock(lib: Path, stage: str) -> contextlib.AbstractContextManager[None]:
+    """Hold an exclusive lock on the library for the duration of a writing stage (`folder_lock`)."""
+    return folder_lock(lib, f"refbuild {stage}", LIBRARY_LOCK)

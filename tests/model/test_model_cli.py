@@ -136,3 +136,11 @@ def test_msrnet2_trains_with_ref_dropout_and_exports_weights_only(synthetic_mani
     assert r.exit_code == 0, r.output
     s = json.loads((tmp_path / "ev" / "summary.json").read_text())
     assert {"psnr_y_full", "ssim_y_full"} <= set(s["sr"]) and s["refs"] == "shuffled"
+
+
+def test_cli_ref_modes_are_the_datasets():
+    """`--refs` spells its choices out (no torch import to parse options); they must be model.data's."""
+    from model.cli import RefMode
+    from model.data import REF_MODES
+
+    assert tuple(m.value for m in RefMode) == REF_MODES

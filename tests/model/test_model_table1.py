@@ -67,3 +67,42 @@ def test_unknown_method_is_refused(synthetic_manifest, tmp_path):
         table1.main(["--manifests", str(man), "--steps", "1", "--methods", "nope_x8"])
     with pytest.raises(SystemExit, match="missing"):
         table1.main(["--manifests", str(tmp_path), "--steps", "1"])
+
+
+def test_table1_resumes_a_run_killed_mid_budget(synthetic_manifest, tmp_path, monkeypatch):
+    """A kill after the equal-time score and before the full budget: the rerun resumes that run, not refuses it."""
+    import model.train as mt
+    from model.checkpoint import load_checkpoint
+
+    man = tmp_path / "man"
+    man.mkdir()
+    shutil.copy(synthetic_manifest, man / "train.parquet")
+    shutil.copy(synthetic_manifest, man / "test.parquet")
+    out = tmp_path / "t1"
+    slow, fast = "sparnet_tiny_x8", "msrnet2_tiny_x8"
+    (out / "results").mkdir(parents=True)  # measured speeds are kept: fix them so the slow one stops at step 2
+    (out / "results" / "speed.json").write_text(json.dumps({
+        m: {"params": 1, "flops": 1.0, "batch_size": 2, "num_refs": 2, "samples_per_s": v, "threads": 1}
+        for m, v in ((slow, 5.0), (fast, 10.0))}))
+    argv = ["--manifests", str(man), "--steps", "4", "--seeds", "0", "--methods", f"{slow},{fast}",
+            "--out", str(out), "--batch-size", "2", "--num-refs", "2", "--ema-decay", "0"]
+    real = mt.train
+
+    def killed_on_resume(cfg):
+        if cfg.resume:
+            raise RuntimeError("killed")
+        return real(cfg)
+
+    monkeypatch.setattr(mt, "train", killed_on_resume)
+    with pytest.raises(RuntimeError, match="killed"):
+        table1.main(argv)
+    assert (out / "results" / f"{slow}_s0.equal_time.json").is_file()
+    assert not (out / "results" / f"{slow}_s0.json").exists()
+    monkeypatch.setattr(mt, "train", real)
+    with pytest.raises(SystemExit, match="equal-time step 2, but these --methods give 4"):
+        table1.main([*argv[:7], slow, *argv[8:]])  # without the fast method, equal time would be another step
+    table = table1.main(argv)
+    (r,) = table["methods"][slow]["runs"]
+    assert r["equal_time_step"] == 2 and r["resumed"] and "equal_samples" in r
+    assert load_checkpoint(out / "runs" / f"{slow}_s0" / "last.safetensors").meta["step"] == 4
+    assert "≥" in (out / "table1.md").read_text().split(f"| {slow} |")[1].split("\n")[0]
