@@ -99,6 +99,39 @@ def nearest_hr_refs(manifest: Path, pool: Path, num_refs: int, size: int = 32) -
     return out
 
 
+def library_size_refs(manifest: Path, pool: Path, num_refs: int, sizes: list[int], seed: int = 0,
+                      scale: int = 8) -> dict[str, list[list[Path]]]:
+    """References from random libraries of each size in `sizes` (nested: one permutation of `pool`, its first k).
+
+    Two arms per size k: `lr_matched@k`, the `pixels` descriptor of the LR view (16x16 mean-removed, L1; what
+    `refbuild pair --query-view lr` does), and `nearest_hr@k`, the k-library's faces nearest the true HR (L1 at
+    32x32). Other identities only."""
+    from PIL import Image
+
+    from model.data import ManifestDataset, degrade, load_rgb
+
+    def descriptors(p: Path) -> tuple[np.ndarray, np.ndarray]:
+        im = load_rgb(p)
+        lr = np.asarray(degrade(im, scale)[1], dtype=np.float32) / 255
+        return (lr - lr.mean()).ravel(), np.asarray(im.resize((32, 32), Image.BICUBIC), dtype=np.float32).ravel() / 255
+
+    q, lib = ManifestDataset(manifest, scale, refs="none"), ManifestDataset(pool, scale, refs="none")
+    if max(sizes) > len(lib.rows):
+        raise SystemExit(f"{pool}: --pool-sizes up to {max(sizes)}, but the pool holds {len(lib.rows)} faces")
+    lib_lr, lib_hr = map(np.stack, zip(*(descriptors(r.hr) for r in lib.rows)))
+    lib_ids = np.array([r.identity if r.identity is not None else f"\0{i}" for i, r in enumerate(lib.rows)])
+    order = np.random.default_rng(seed).permutation(len(lib.rows))
+    out: dict[str, list[list[Path]]] = {f"{arm}@{k}": [] for k in sizes for arm in ("lr_matched", "nearest_hr")}
+    for row in q.rows:
+        d_lr, d_hr = descriptors(row.hr)
+        for k in sizes:
+            sub = order[:k][lib_ids[order[:k]] != row.identity]
+            for arm, feats, d in (("lr_matched", lib_lr, d_lr), ("nearest_hr", lib_hr, d_hr)):
+                near = sub[np.argsort(np.abs(feats[sub] - d).sum(1), kind="stable")[:num_refs]]
+                out[f"{arm}@{k}"].append([lib.rows[i].hr for i in near])
+    return out
+
+
 def same_identity_refs(manifest: Path, num_refs: int) -> list[list[Path]]:
     """Per row: up to `num_refs` other photos of the same identity in the manifest (none for a singleton)."""
     from model.data import ManifestDataset
@@ -109,7 +142,10 @@ def same_identity_refs(manifest: Path, num_refs: int) -> list[list[Path]]:
 
 
 def collect(checkpoint: Path, manifest: Path, arms: tuple[str, ...], num_refs: int, seed: int,
-            pool: Path | None = None) -> dict:
+            pool: Path | None = None, extra: dict[str, list[list[Path]]] | None = None) -> dict:
+    """Per arm, the transferred detail of every face (N, 3, H, W), and the residuals of the two bases.
+
+    `extra`: more arms, each its references per manifest row (e.g. `library_size_refs`)."""
     from model.checkpoint import load_checkpoint, model_from_checkpoint
     from PIL import Image
 
@@ -126,7 +162,8 @@ def collect(checkpoint: Path, manifest: Path, arms: tuple[str, ...], num_refs: i
     out: dict = {"scale": scale}
     for arm in arms:
         own = {"nearest_hr": lambda: nearest_hr_refs(manifest, pool, num_refs),
-               "same_identity": lambda: same_identity_refs(manifest, num_refs)}
+               "same_identity": lambda: same_identity_refs(manifest, num_refs),
+               **{k: (lambda v=v: v) for k, v in (extra or {}).items()}}
         ds = ManifestDataset(manifest, scale, num_refs=num_refs, refs="matched" if arm in own else arm, seed=seed)
         if arm in own:  # the manifest's rows with other references
             ds.rows = [dataclasses.replace(r, refs=tuple(p)) for r, p in zip(ds.rows, own[arm]())]
@@ -157,11 +194,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--pool", type=Path, default=None,
                     help="the train manifest: adds the nearest_hr arm (the pool faces nearest the true HR)")
+    ap.add_argument("--pool-sizes", default="",
+                    help="with --pool: also random libraries of these sizes (e.g. 250,500,1000,2000), each with "
+                         "LR-matched and nearest-HR references (arms lr_matched@K, nearest_hr@K)")
     ap.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
     a = ap.parse_args(argv)
     torch.manual_seed(0)
     arms = ("matched", "random", "oracle", "same_identity") + (("nearest_hr",) if a.pool else ())  # oracle: control
-    data = collect(a.checkpoint, a.manifest, arms, a.num_refs, a.seed, a.pool)
+    extra = None
+    if a.pool_sizes:
+        if not a.pool:
+            raise SystemExit("--pool-sizes needs --pool (the library the sizes are drawn from)")
+        from model.checkpoint import load_checkpoint, model_from_checkpoint
+
+        scale = model_from_checkpoint(load_checkpoint(a.checkpoint)).scale
+        extra = library_size_refs(a.manifest, a.pool, a.num_refs, [int(k) for k in a.pool_sizes.split(",")],
+                                  a.seed, scale)
+        arms += tuple(extra)
+    data = collect(a.checkpoint, a.manifest, arms, a.num_refs, a.seed, a.pool, extra)
     result = {"checkpoint": str(a.checkpoint.resolve()), "manifest": str(a.manifest.resolve()),
               "pool": str(a.pool.resolve()) if a.pool else None,
               "n": int(len(data[arms[0]])), "num_refs": a.num_refs, "seed": a.seed, "gain_db": {}}

@@ -46,3 +46,27 @@ def test_libsize_end_to_end(synthetic_manifest, tmp_path):
     assert pq.read_table(out / "train_3ids_s0.parquet").num_rows == 3
     again = libsize.main(argv)  # a rerun resumes the finished run and reads its ablation back
     assert again["runs"][0]["pairs"] == r["pairs"]
+
+
+def test_library_size_refs_draw_nested_libraries(synthetic_manifest, tmp_path):
+    """refbound --pool-sizes: each size's references come from that size's library; the full one finds the face."""
+    import numpy as np
+    import pyarrow as pa
+
+    from pipelines.refbound import library_size_refs
+
+    t = pq.read_table(synthetic_manifest)  # the pool: the same faces under other identities, so each query is in it
+    pool = tmp_path / "pool.parquet"
+    pq.write_table(t.set_column(t.schema.get_field_index("identity"), "identity",
+                                pa.array([f"other{i}" for i in range(t.num_rows)])), pool)
+    refs = library_size_refs(synthetic_manifest, pool, 2, [3, 8], seed=0)
+    assert set(refs) == {"lr_matched@3", "nearest_hr@3", "lr_matched@8", "nearest_hr@8"}
+    hr = [r["hr_path"] for r in t.to_pylist()]
+    small = {hr[i] for i in np.random.default_rng(0).permutation(8)[:3]}
+    for arm in ("lr_matched", "nearest_hr"):
+        assert all(len(r) == 2 and {p.name for p in r} <= small for r in refs[f"{arm}@3"])
+        assert [r[0].name for r in refs[f"{arm}@8"]] == hr  # the whole library holds the face itself: nearest
+    own = library_size_refs(synthetic_manifest, synthetic_manifest, 2, [8], seed=0)  # same identities: never itself
+    assert all(h not in {p.name for p in r} for arm in own.values() for h, r in zip(hr, arm))
+    with pytest.raises(SystemExit, match="holds 8 faces"):
+        library_size_refs(synthetic_manifest, pool, 2, [9])
