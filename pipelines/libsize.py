@@ -25,7 +25,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from pipelines.table1 import add_recipe_args, recipe_config
+from pipelines.table1 import add_recipe_args, comparison_manifests, recipe_config
 
 
 def subset_manifest(src: Path, dst: Path, identities: int, seed: int) -> dict[str, int]:
@@ -63,10 +63,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from pipelines import ablate
     from refbuild.io import write_bytes, write_json
 
-    train_m, test_m = a.manifests / "train.parquet", a.manifests / "test.parquet"
-    for p in (train_m, test_m):
-        if not p.is_file():
-            raise SystemExit(f"{p}: missing; --manifests must hold train.parquet and test.parquet (refbuild pair)")
+    train_m, test_m = comparison_manifests(a.manifests)
     rows = []
     for k in (int(x) for x in a.identities.split(",")):
         for seed in (int(x) for x in a.seeds.split(",")):

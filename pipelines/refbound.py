@@ -80,14 +80,19 @@ def heldout_gain_db(residual: np.ndarray, detail: np.ndarray) -> tuple[float, fl
     return 10 * np.log10(before / max(after, 1e-300)), float(np.mean(gains))
 
 
-def nearest_hr_refs(manifest: Path, pool: Path, num_refs: int, size: int = 32) -> list[list[Path]]:
-    """Per row of `manifest`: the `num_refs` HR crops of `pool` nearest its own HR (L1 at size x size), other identities."""
+def hr_thumb(im, size: int = 32) -> np.ndarray:
+    """The nearest-HR descriptor: an HR image (PIL) at size x size, bicubic, flattened, in [0, 1]."""
     from PIL import Image
 
+    return np.asarray(im.resize((size, size), Image.BICUBIC), dtype=np.float32).ravel() / 255
+
+
+def nearest_hr_refs(manifest: Path, pool: Path, num_refs: int, size: int = 32) -> list[list[Path]]:
+    """Per row of `manifest`: the `num_refs` HR crops of `pool` nearest its own HR (L1 at size x size), other identities."""
     from model.data import ManifestDataset, load_rgb
 
     def thumb(p: Path) -> np.ndarray:
-        return np.asarray(load_rgb(p).resize((size, size), Image.BICUBIC), dtype=np.float32).ravel() / 255
+        return hr_thumb(load_rgb(p), size)
 
     q, lib = ManifestDataset(manifest, 8, refs="none"), ManifestDataset(pool, 8, refs="none")
     feats = np.stack([thumb(r.hr) for r in lib.rows])
@@ -106,14 +111,12 @@ def library_size_refs(manifest: Path, pool: Path, num_refs: int, sizes: list[int
     Two arms per size k: `lr_matched@k`, the `pixels` descriptor of the LR view (16x16 mean-removed, L1; what
     `refbuild pair --query-view lr` does), and `nearest_hr@k`, the k-library's faces nearest the true HR (L1 at
     32x32). Other identities only."""
-    from PIL import Image
-
     from model.data import ManifestDataset, degrade, load_rgb
 
     def descriptors(p: Path) -> tuple[np.ndarray, np.ndarray]:
         im = load_rgb(p)
         lr = np.asarray(degrade(im, scale)[1], dtype=np.float32) / 255
-        return (lr - lr.mean()).ravel(), np.asarray(im.resize((32, 32), Image.BICUBIC), dtype=np.float32).ravel() / 255
+        return (lr - lr.mean()).ravel(), hr_thumb(im)
 
     q, lib = ManifestDataset(manifest, scale, refs="none"), ManifestDataset(pool, scale, refs="none")
     if max(sizes) > len(lib.rows):

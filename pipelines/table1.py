@@ -120,7 +120,6 @@ def run_one(base, method: str, seed: int, stop_at: int, test: Path, out: Path, d
         res["seconds_to_equal_time_step"] = time.perf_counter() - t0
         _, s = evaluate(run / "last.safetensors", test, out / "eval" / f"{cfg.name}_step{stop_at}", device=device)
         res["equal_time"] = _scores(s)
-        partial.parent.mkdir(parents=True, exist_ok=True)
         write_json(partial, res)
         if on_partial:
             on_partial()
@@ -134,7 +133,6 @@ def run_one(base, method: str, seed: int, stop_at: int, test: Path, out: Path, d
     res["bicubic"] = _scores(s, "bicubic")
     res["n_test"], res["split"], res["ref_view"] = s["n"], s.get("split"), s.get("ref_view")
     res.setdefault("equal_time", res["equal_samples"])
-    done.parent.mkdir(parents=True, exist_ok=True)
     write_json(done, res)
     return res
 
@@ -188,6 +186,15 @@ def table_markdown(table: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def comparison_manifests(folder: Path) -> tuple[Path, Path]:
+    """FOLDER's train.parquet and test.parquet (what `refbuild pair` writes), or a one-line exit naming the missing one."""
+    train_m, test_m = folder / "train.parquet", folder / "test.parquet"
+    for p in (train_m, test_m):
+        if not p.is_file():
+            raise SystemExit(f"{p}: missing; --manifests must hold train.parquet and test.parquet (refbuild pair)")
+    return train_m, test_m
+
+
 def add_recipe_args(ap: argparse.ArgumentParser) -> None:
     """The training recipe every method of a comparison shares (table1, libsize)."""
     ap.add_argument("--batch-size", type=int, default=8)
@@ -231,10 +238,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from model import MsrError, list_models
     from refbuild.io import write_bytes, write_json
 
-    train_m, test_m = a.manifests / "train.parquet", a.manifests / "test.parquet"
-    for p in (train_m, test_m):
-        if not p.is_file():
-            raise SystemExit(f"{p}: missing; --manifests must hold train.parquet and test.parquet (refbuild pair)")
+    train_m, test_m = comparison_manifests(a.manifests)
     methods = [m for m in a.methods.split(",") if m]
     unknown = [m for m in methods if m not in list_models()]
     if unknown:

@@ -97,3 +97,15 @@ def real_manifest(tmp_path_factory) -> Path:
 def manifest_writer():
     """The `write_manifest` helper, for tests that build broken manifests."""
     return write_manifest
+
+
+@pytest.fixture
+def comparison_manifests(synthetic_manifest, tmp_path) -> Path:
+    """A `--manifests` folder for the comparison recipes: the fixture's 8 faces as both train and test split."""
+    import shutil
+
+    man = tmp_path / "man"
+    man.mkdir()
+    shutil.copy(synthetic_manifest, man / "train.parquet")
+    shutil.copy(synthetic_manifest, man / "test.parquet")
+    return man

@@ -1,7 +1,6 @@
 """pipelines.libsize: a training subset of identities, references from the whole library, ablated end to end."""
 from __future__ import annotations
 
-import shutil
 
 import pyarrow.parquet as pq
 import pytest
@@ -30,11 +29,8 @@ def test_subset_manifest_keeps_schema_and_references(synthetic_manifest, tmp_pat
         libsize.subset_manifest(synthetic_manifest, tmp_path / "x.parquet", 9, seed=0)
 
 
-def test_libsize_end_to_end(synthetic_manifest, tmp_path):
-    man = tmp_path / "man"
-    man.mkdir()
-    shutil.copy(synthetic_manifest, man / "train.parquet")
-    shutil.copy(synthetic_manifest, man / "test.parquet")
+def test_libsize_end_to_end(comparison_manifests, tmp_path):
+    man = comparison_manifests
     out = tmp_path / "ls"
     argv = ["--manifests", str(man), "--identities", "3", "--steps", "2", "--model", "msrnet2_tiny_x8",
             "--eval-seeds", "0", "--out", str(out), "--batch-size", "2", "--num-refs", "2", "--ema-decay", "0"]

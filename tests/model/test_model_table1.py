@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 
@@ -13,11 +12,8 @@ def test_equal_time_steps():
     assert table1.equal_time_steps({"a": 10.0, "b": 5.0, "c": 0.1}, 100) == {"a": 100, "b": 50, "c": 1}
 
 
-def test_table1_end_to_end(synthetic_manifest, tmp_path):
-    man = tmp_path / "man"
-    man.mkdir()
-    shutil.copy(synthetic_manifest, man / "train.parquet")
-    shutil.copy(synthetic_manifest, man / "test.parquet")  # the fixture's 8 faces stand in for a test split
+def test_table1_end_to_end(comparison_manifests, tmp_path):
+    man = comparison_manifests
     out = tmp_path / "t1"
     argv = ["--manifests", str(man), "--steps", "3", "--seeds", "0,1", "--methods", ",".join(table1.TINY_METHODS),
             "--out", str(out), "--batch-size", "2", "--num-refs", "2", "--ema-decay", "0", "--speed-steps", "1"]
@@ -58,26 +54,20 @@ def test_table1_end_to_end(synthetic_manifest, tmp_path):
     assert f"| {slow} |" in md and "not finished" in md.split(f"| {slow} |")[1].split("\n")[0]
 
 
-def test_unknown_method_is_refused(synthetic_manifest, tmp_path):
-    man = tmp_path / "man"
-    man.mkdir()
-    shutil.copy(synthetic_manifest, man / "train.parquet")
-    shutil.copy(synthetic_manifest, man / "test.parquet")
+def test_unknown_method_is_refused(comparison_manifests, tmp_path):
+    man = comparison_manifests
     with pytest.raises(SystemExit, match="unknown method"):
         table1.main(["--manifests", str(man), "--steps", "1", "--methods", "nope_x8"])
     with pytest.raises(SystemExit, match="missing"):
         table1.main(["--manifests", str(tmp_path), "--steps", "1"])
 
 
-def test_table1_resumes_a_run_killed_mid_budget(synthetic_manifest, tmp_path, monkeypatch):
+def test_table1_resumes_a_run_killed_mid_budget(comparison_manifests, tmp_path, monkeypatch):
     """A kill after the equal-time score and before the full budget: the rerun resumes that run, not refuses it."""
     import model.train as mt
     from model.checkpoint import load_checkpoint
 
-    man = tmp_path / "man"
-    man.mkdir()
-    shutil.copy(synthetic_manifest, man / "train.parquet")
-    shutil.copy(synthetic_manifest, man / "test.parquet")
+    man = comparison_manifests
     out = tmp_path / "t1"
     slow, fast = "sparnet_tiny_x8", "msrnet2_tiny_x8"
     (out / "results").mkdir(parents=True)  # measured speeds are kept: fix them so the slow one stops at step 2
