@@ -1,7 +1,7 @@
 """detect: refbuild's Detector through LocalRunner (workers = cores, one torch thread
 each, what `refbuild detect` does) vs facenet-pytorch `MTCNN.detect` per image.
 
-Our Detector runs facenet-pytorch's MTCNN cascade as re-implemented in refbuild/mtcnn.py:
+Our Detector runs facenet-pytorch's MTCNN cascade as re-implemented in refbuild/nets/mtcnn.py:
 the same weights, pyramid, crops and NMS (boxes bit-identical on these photos), with the
 ceil-mode max-pools as maxima of strided slices (torch's NCHW kernel was ~25% of the time)
 and without importing facenet-pytorch/torchvision in each worker (~2 s of its start-up).
@@ -105,7 +105,7 @@ def run(mode: str, repeats: int) -> Stage:
 
     workers = os.cpu_count() or 1
     st = Stage("detect", f"facenet-pytorch MTCNN(...).detect(img) per image, torch default threads ({torch.get_num_threads()})",
-               f"refbuild Detector (refbuild/mtcnn.py cascade, facenet weights) via LocalRunner, "
+               f"refbuild Detector (refbuild/nets/mtcnn.py cascade, facenet weights) via LocalRunner, "
                f"{workers} workers x 1 torch thread (worker start + model load included)",
                ">= 2x on 2 CPU cores, boxes within 1 px",
                isolation="one process; ours starts worker processes (their peak RSS reported apart)")
@@ -132,7 +132,7 @@ def run(mode: str, repeats: int) -> Stage:
                  f"per image: ours {1000 * t_o.median / len(paths):.0f} ms, baseline {1000 * t_b.median / len(paths):.0f} ms",
                  f"fixed cost of our path (start {workers} workers ({start_method()}), build MTCNN; timed on empty shards): {startup:.1f} s, "
                  f"paid once per run; steady-state ratio without it: {t_b.median / max(t_o.median - startup, 1e-9):.2f}x (indicative)",
-                 "ours = facenet's cascade re-implemented (refbuild/mtcnn.py): same weights/pyramid/crops/NMS, max-pool as "
+                 "ours = facenet's cascade re-implemented (refbuild/nets/mtcnn.py): same weights/pyramid/crops/NMS, max-pool as "
                  "strided-slice maxima, no facenet-pytorch/torchvision import; gains: one process per core "
                  "instead of intra-op threads, the max-pool, and forked workers (no torch import per worker)"]
     from refbuild.detector import Detector

@@ -49,7 +49,7 @@ def naive_maps(module, taps: tuple[int, ...], x):
     import torch
     import torch.nn.functional as F
 
-    from refbuild.backbones import VGGFACE_MEAN_RGB, VGGFACE_SIZE
+    from refbuild.nets.vggface import VGGFACE_MEAN_RGB, VGGFACE_SIZE
 
     with torch.inference_mode():
         x = F.interpolate(x.float(), size=(VGGFACE_SIZE, VGGFACE_SIZE), mode="bilinear", antialias=True, align_corners=False)

@@ -48,6 +48,9 @@ FACES = pa.schema(
         ("crop_sha256", pa.string()),  # of the crop file's bytes; null in a library made before crops were hashed
         ("img_w", pa.int32()),
         ("img_h", pa.int32()),
+        # side, in source pixels, of the square the crop was cut from (< the crop's side: enlarged);
+        # null in a library made before it was recorded: unknown
+        ("src_side", pa.int32()),
     ]
 )
 
@@ -204,6 +207,8 @@ def read_table(path: str | Path, name: str, columns: list[str] | None = None) ->
         if name == "faces" and "crop_sha256" not in table.schema.names:  # made before crops were hashed
             table = table.add_column(table.schema.get_field_index("crop_path") + 1, "crop_sha256",
                                      pa.nulls(table.num_rows, pa.string()))
+        if name == "faces" and "src_side" not in table.schema.names:  # made before source sizes were recorded
+            table = table.append_column("src_side", pa.nulls(table.num_rows, pa.int32()))
         check_table(table, name, str(path))
     else:
         check_columns(table, name, columns, str(path))

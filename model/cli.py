@@ -12,12 +12,32 @@ from rich.table import Table
 
 from refbuild.cliutil import Precision, choices, one_line_errors, run_app, version_callback
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="MSRNet face super-resolution.")
+from .paste import MAX_FACE, MIN_FACE, MIN_PROB  # numpy and PIL only: --help stays fast
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="MSRNet face super-resolution.",
+                  rich_markup_mode=None)  # plain --help: option names are never cut, at any width
 err = Console(stderr=True)
 out = Console()
 
 
+ALLOW_ENLARGED_HELP = ("accept HR targets refbuild enlarged (cut from fewer source pixels than the model's output "
+                      "side; refused otherwise), saying how many")
 RefMode = choices("RefMode", "matched", "random", "none", "oracle", "shuffled")  # model.data.REF_MODES (torch-free here)
+TrainDegradation = choices("TrainDegradation", "bicubic", "real")  # model.degradations presets for training
+EvalDegradation = choices("EvalDegradation", "bicubic", "real", "camera", "harsh")  # model.degradations.PRESETS
+
+
+def _floats(text: str | None, what: str, n: int | None = None) -> tuple[float, ...] | None:
+    """'0.9,1.3' -> (0.9, 1.3); BadParameter naming the option when it is not that."""
+    if text is None:
+        return None
+    try:
+        vals = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"{what} {text!r}: give comma-separated numbers, e.g. 0.9,1.3") from None
+    if n is not None and len(vals) != n:
+        raise typer.BadParameter(f"{what} {text!r}: give {n} comma-separated numbers")
+    return vals
 
 
 @app.callback()
@@ -27,8 +47,18 @@ def _main(
     """MSRNet face super-resolution."""
 
 
+def _train_interrupted(resume: bool = False, runs_dir: Path = Path("runs"), name: str = "msrnet", **_) -> str:
+    """What to do after a Ctrl-C in `model train`: its rerun needs --resume once a checkpoint exists."""
+    last = Path(runs_dir) / name / "last.safetensors"
+    if resume:
+        return "interrupted; rerun the same command to resume"
+    if last.is_file():
+        return f"interrupted; rerun the same command with --resume to continue from {last}"
+    return "interrupted before the first checkpoint; rerun the same command to start again"
+
+
 @app.command()
-@one_line_errors(err)
+@one_line_errors(err, _train_interrupted)
 def train(
     manifest: Annotated[Path, typer.Option(help="training_manifest Parquet file")],
     model: Annotated[str, typer.Option(help="registered model, see `model list`")] = "msrnet_x8",
@@ -40,6 +70,10 @@ def train(
     refs: Annotated[RefMode, typer.Option(help="matched (manifest), random (other identities), none, oracle (the HR itself) or shuffled")] = RefMode.matched,
     ref_dropout: Annotated[float, typer.Option(min=0.0, max=1.0, help="probability a sample keeps only 0..m-1 of its references")] = 0.0,
     jitter: Annotated[float, typer.Option(min=0.0, max=0.49, help="framing jitter of HR and references (fraction of the crop side)")] = 0.0,
+    degradation: Annotated[TrainDegradation, typer.Option(help="how the 16 px input is made: bicubic (the paper's, the benchmark's) or real (blur, resize kernels, noise, JPEG; docs/DESIGN.md)")] = TrainDegradation.bicubic,
+    framing: Annotated[Optional[str], typer.Option(help="HR zoom range LO,HI, e.g. 0.9,1.3 (>1 closer, <1 farther): train for the framings test crops may have")] = None,
+    init_from: Annotated[Optional[Path], typer.Option(help="start from these weights (e.g. weights/msrnet2_x8.safetensors) instead of random ones")] = None,
+    id_loss_weight: Annotated[float, typer.Option(min=0.0, help="weight of the identity loss (1 - cos of the recogniser's embeddings of SR and HR); 0 disables")] = 0.0,
     no_swin: Annotated[bool, typer.Option("--no-swin", help="3x3 conv instead of the Swin GFE (Table 3)")] = False,
     steps: Annotated[int, typer.Option(min=1)] = 10_000,
     batch_size: Annotated[int, typer.Option(min=1)] = 4,
@@ -54,10 +88,11 @@ def train(
     ckpt_every: Annotated[int, typer.Option(min=1)] = 500,
     sample_every: Annotated[int, typer.Option(min=1)] = 500,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
-    precision: Annotated[Precision, typer.Option(help="auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16")] = Precision.auto,
+    precision: Annotated[Precision, typer.Option(help="auto (bf16 autocast on CUDA and on CPUs with native bf16, else fp32), fp32 or bf16")] = Precision.auto,
     resume: Annotated[bool, typer.Option("--resume", help="continue <runs-dir>/<name>/last.safetensors")] = False,
     allow_changed_config: Annotated[bool, typer.Option("--allow-changed-config", help="with --resume: accept other result-affecting settings (manifest, steps, lr, ...) than the run's")] = False,
     stop_after: Annotated[Optional[int], typer.Option(help="stop at this step (schedule still spans --steps)")] = None,
+    allow_enlarged: Annotated[bool, typer.Option("--allow-enlarged", help=ALLOW_ENLARGED_HELP)] = False,
 ) -> None:
     """Train MSRNet on a training manifest."""
     from .distributed import from_env
@@ -65,11 +100,12 @@ def train(
 
     cfg = TrainConfig(
         manifest=manifest, model=model, name=name, runs_dir=runs_dir, data_root=data_root, val_manifest=val_manifest,
-        num_refs=num_refs, refs=refs.value, ref_dropout=ref_dropout, jitter=jitter, use_swin=not no_swin, steps=steps, batch_size=batch_size, lr=lr,
+        num_refs=num_refs, refs=refs.value, ref_dropout=ref_dropout, jitter=jitter, degradation=degradation.value,
+        framing=_floats(framing, "--framing", 2), init_from=init_from, id_loss_weight=id_loss_weight, use_swin=not no_swin, steps=steps, batch_size=batch_size, lr=lr,
         warmup_steps=warmup_steps, grad_clip=grad_clip, ema_decay=ema_decay, stage1_weight=stage1_weight,
         workers=workers, seed=seed, log_every=log_every, ckpt_every=ckpt_every, sample_every=sample_every,
         device=device, precision=precision.value, resume=resume, allow_changed_config=allow_changed_config,
-        stop_after=stop_after,
+        stop_after=stop_after, allow_enlarged=allow_enlarged,
     )
     run_dir = run_train(cfg)
     if from_env().is_main:  # under torchrun every process returns here
@@ -77,7 +113,7 @@ def train(
 
 
 @app.command("eval")
-@one_line_errors(err)
+@one_line_errors(err, "interrupted; rerun the same command to start again")
 def eval_cmd(
     checkpoint: Annotated[Path, typer.Option(help="a run's last/best .safetensors")],
     manifest: Annotated[Path, typer.Option(help="training_manifest Parquet file to evaluate on")],
@@ -90,23 +126,54 @@ def eval_cmd(
     device: str = "auto",
     no_ema: Annotated[bool, typer.Option("--no-ema", help="use raw weights even if EMA weights exist")] = False,
     report: Annotated[bool, typer.Option("--report", help="also write OUT/report/index.html: metrics, a gallery per face, the run's sample grids")] = False,
+    degradation: Annotated[EvalDegradation, typer.Option(help="how each 16 px input is made: bicubic (the benchmark), real (the training sampler), camera or harsh (fixed camera-like pipelines); seeded per face")] = EvalDegradation.bicubic,
+    zooms: Annotated[Optional[str], typer.Option(help="also score at these centre framings, e.g. 0.9,1.15,1.3 (>1 closer)")] = None,
+    allow_enlarged: Annotated[bool, typer.Option("--allow-enlarged", help=ALLOW_ENLARGED_HELP)] = False,
+    identity: Annotated[Optional[bool], typer.Option("--identity/--no-identity", help="also score identity with dlib's face recogniser: distance to the HR, verification, rank-1, drift toward the references (default: when its weights are installed)")] = None,
 ) -> None:
-    """PSNR/SSIM (Y crop=scale and RGB) of SR and bicubic; CSV, JSON and Markdown (and an HTML report)."""
+    """PSNR/SSIM (Y crop=scale and RGB) of SR and bicubic, and identity; CSV, JSON and Markdown (and an HTML report)."""
     from .evaluate import METRICS, evaluate
 
     where, summary = evaluate(checkpoint, manifest, out_dir, refs.value, num_refs, data_root, device,
-                              batch_size, not no_ema, report, seed)
+                              batch_size, not no_ema, report, seed, degradation.value, _floats(zooms, "--zooms") or (),
+                              allow_enlarged, identity)
     t = Table(title=f"{summary['n']} faces ({summary.get('split')} split), x{summary['scale']}, refs {summary['refs']} "
-                    f"chosen on the {summary.get('ref_view')} view; bicubic MATLAB-style; *_full: MATLAB Y, no crop")
+                    f"chosen on the {summary.get('ref_view')} view, inputs {summary['degradation']}; bicubic MATLAB-style; *_full: MATLAB Y, no crop")
     t.add_column("method")
     for k in METRICS:
         t.add_column(k, justify="right")
     for m in ("bicubic", "sr"):
         t.add_row(m, *(f"{summary[m][k]:.4f}" for k in METRICS))
     out.print(t)
+    for z, f in (summary.get("framings") or {}).items():
+        out.print(f"zoom {z}: SR {f['sr']['psnr_y']:.2f} dB PSNR-Y, bicubic {f['bicubic']['psnr_y']:.2f}")
+    if summary.get("identity"):
+        _identity_table(summary["identity"])
+    elif summary.get("identity_note"):
+        _note(summary["identity_note"])
     out.print(f"written to {where}", soft_wrap=True)  # soft_wrap: paths are never cut or broken
     if report:
         out.print(f"report: {where / 'report' / 'index.html'}", soft_wrap=True)
+
+
+def _identity_table(s: dict) -> None:
+    """The identity figures of `model eval` (summary.json["identity"]) as a table and one drift line."""
+    g = s["gallery"]
+    t = Table(title=f"identity (dlib recogniser, same person < {s['threshold']}); rank-1 among {g['identities']} "
+                    f"identities, gallery {g['photos']} photos, {g['queries']} faces findable")
+    for c in ("method", "distance", "verified", "rank-1", "nearest ref", "drifted to a ref"):
+        t.add_column(c, justify="left" if c == "method" else "right")
+    pct = lambda v: "n/a" if v is None else f"{100 * v:.1f}%"  # noqa: E731
+    for m in ("hr", "bicubic", "sr"):
+        x = s[m]
+        ref = "n/a" if x.get("ref_distance") is None else f"{x['ref_distance']:.3f}"
+        t.add_row(m, f"{x['distance']:.3f}", pct(x["verified"]), pct(x["rank1"]), ref,
+                  "" if m == "hr" else str(x.get("drifted", "n/a")))
+    out.print(t)
+    if s["sr"].get("drifted"):
+        ids = [f["face_id"] for f in s["sr"]["drifted_faces"]]
+        out.print(f"SR verifies as a reference rather than its own HR: {len(ids)} face(s): {', '.join(ids[:10])}"
+                  + (" ..." if len(ids) > 10 else ""), soft_wrap=True)
 
 
 NonSquare = choices("NonSquare", "pad", "refuse")
@@ -117,10 +184,10 @@ def _note(line: str) -> None:
 
 
 @app.command()
-@one_line_errors(err)
+@one_line_errors(err, "interrupted; rerun the same command with --overwrite to start again")
 def infer(
-    checkpoint: Annotated[Path, typer.Option(help="a .safetensors checkpoint, or a run folder (its best, else last)")],
     lr: Annotated[list[str], typer.Option("--lr", "--input", "-i", help="LR face images: files, folders (recursive) or quoted globs; repeatable")],
+    checkpoint: Annotated[Optional[Path], typer.Option(help="a .safetensors checkpoint, or a run folder (its best, else last); default: weights/msrnet2_x8_real.safetensors with --detect where shipped, else weights/msrnet2_x8.safetensors")] = None,
     refs: Annotated[Optional[list[Path]], typer.Option(help="reference image(s) used for every face, 0 to 5")] = None,
     out_dir: Annotated[Path, typer.Option("--out", help="output folder: outputs mirror the inputs' relative paths")] = Path("sr_out"),
     library: Annotated[Optional[Path], typer.Option(help="retrieve references per face from a refbuild library (LR-view matching)")] = None,
@@ -129,7 +196,10 @@ def infer(
     detect: Annotated[bool, typer.Option("--detect", help="inputs are whole photos: restore their most confident face (MTCNN) and paste it back")] = False,
     all_faces: Annotated[bool, typer.Option("--all-faces", help="with --detect: restore every face found")] = False,
     margin: Annotated[float, typer.Option(min=0.0, max=2.0, help="with --detect: grow the face box by this fraction (0.52 frames faces as the shipped model's training crops)")] = 0.52,
-    upscale: Annotated[Optional[int], typer.Option(min=1, max=16, help="with --detect: the restored photo's scale (default: the largest face at SR size, at most the model's scale)")] = None,
+    upscale: Annotated[Optional[int], typer.Option(min=1, max=16, help="with --detect: the restored photo's scale (default: the largest restored face at SR size, at most the model's scale)")] = None,
+    min_face: Annotated[int, typer.Option(min=4, help="with --detect: the smallest face looked for, px wide (photos are enlarged for detection to find it)")] = MIN_FACE,
+    min_prob: Annotated[float, typer.Option(min=0.0, max=1.0, help="with --detect: the detector's probability a face must reach")] = MIN_PROB,
+    max_face: Annotated[float, typer.Option(min=0.0, help="with --detect: faces wider than this (px) are left as they were (docs/DESIGN.md: measured gains up to it)")] = MAX_FACE,
     non_square: Annotated[NonSquare, typer.Option(help="a non-square face: centre-pad it with its edge pixels, or refuse it")] = NonSquare.pad,
     grid: Annotated[bool, typer.Option("--grid", help="also write OUT/grid-NNN.png: LR | bicubic | references | SR per face")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace the files an earlier run wrote in OUT")] = False,
@@ -140,17 +210,24 @@ def infer(
     """Super-resolve LR faces (or the faces of whole photos) with given or retrieved references."""
     from .infer import InferConfig, infer as run_infer
 
-    if (all_faces or upscale) and not detect:
-        raise typer.BadParameter("--all-faces and --upscale need --detect")
+    detect_only = {"--all-faces": all_faces, "--upscale": upscale, "--min-face": min_face != MIN_FACE,
+                   "--min-prob": min_prob != MIN_PROB, "--max-face": max_face != MAX_FACE}
+    if not detect and any(detect_only.values()):
+        raise typer.BadParameter(f"{', '.join(k for k, v in detect_only.items() if v)}: need --detect")
     cfg = InferConfig(checkpoint=checkpoint, inputs=tuple(lr), out_dir=out_dir, refs=tuple(refs or ()), library=library,
                       num_refs=num_refs, weights=weights, detect=detect, all_faces=all_faces, margin=margin,
                       upscale=upscale, non_square=non_square.value, grid=grid, overwrite=overwrite, device=device,
-                      batch_size=batch_size, use_ema=not no_ema)
+                      batch_size=batch_size, use_ema=not no_ema, min_face=min_face, min_prob=min_prob, max_face=max_face)
     rec = run_infer(cfg, _note)
-    faces = [f for i in rec["inputs"] for f in i.get("faces", [])]
+    faces = [f for i in rec["inputs"] for f in i.get("faces", []) if f.get("output")]
     skipped = sum(i["status"] == "skipped" for i in rec["inputs"])
-    out.print(f"{len(faces)} SR face(s) x{rec['scale']} written under {out_dir} ({rec['faces_per_s']:.1f} faces/s)"
-              + (f"; {skipped} photo(s) without a face skipped" if skipped else ""), soft_wrap=True)
+    out.print(f"{len(faces)} SR face(s) x{rec['scale']} ({rec['model']}, {rec['checkpoint']}) written under {out_dir} "
+              f"({rec['faces_per_s']:.1f} faces/s)" + (f"; {skipped} input(s) skipped" if skipped and not detect else ""),
+              soft_wrap=True)
+    if detect:
+        from .infer import summary_line
+
+        out.print(summary_line(rec), soft_wrap=True)
     restored = [i["restored"] for i in rec["inputs"] if i.get("restored")]
     if restored:
         out.print(f"restored photo(s): {restored[0]}" + (f" and {len(restored) - 1} more" if len(restored) > 1 else ""),
@@ -161,7 +238,7 @@ def infer(
 
 
 @app.command()
-@one_line_errors(err)
+@one_line_errors(err, "interrupted; rerun the same command")
 def export(
     checkpoint: Annotated[Path, typer.Option(help="a run's last/best .safetensors")],
     out_path: Annotated[Path, typer.Option("--out", help="weights file to write")],
@@ -175,7 +252,7 @@ def export(
 
 
 @app.command("list")
-@one_line_errors(err)
+@one_line_errors(err, "interrupted")
 def list_cmd() -> None:
     """Registered model variants."""
     from .registry import list_models

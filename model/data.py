@@ -1,4 +1,4 @@
-"""Training-manifest dataset with on-the-fly bicubic degradation.
+"""Training-manifest dataset: HR crops, their LR (bicubic or a realistic degradation) and references.
 
 A row of a `training_manifest` Parquet file names a 256x256 HR crop
 (`<hr_root>/<hr_path>`) and its references (`<ref_root>/<ref_paths[i]>`); the
@@ -22,6 +22,7 @@ from torch.utils.data import Dataset, Sampler
 
 from data_manifests import ManifestError, metadata, read_table
 
+from . import degradations
 from .errors import MsrError
 from .msrnet import LR_SIZE
 
@@ -78,6 +79,21 @@ def degrade(hr: Image.Image, scale: int) -> tuple[Image.Image, Image.Image]:
     return hr, hr.resize((LR_SIZE, LR_SIZE), Image.BICUBIC)
 
 
+def framed(im: Image.Image, zoom: float, cx: float = 0.5, cy: float = 0.5) -> Image.Image:
+    """The square of side side/zoom centred at (cx, cy) of the free range (0.5: centred): zoom > 1 comes
+    closer (a crop), zoom < 1 steps back (edges mirrored outward). zoom 1: as is."""
+    if zoom == 1.0:
+        return im
+    w, h = im.size
+    side = max(1, round(min(w, h) / zoom))
+    if side > min(w, h):  # step back: mirror the edges outward, then crop
+        pad = side - min(w, h)
+        a = np.pad(np.asarray(im), ((pad, pad), (pad, pad), (0, 0)), mode="symmetric")
+        im, w, h = Image.fromarray(a), w + 2 * pad, h + 2 * pad
+    x0, y0 = round((w - side) * cx), round((h - side) * cy)
+    return im.crop((x0, y0, x0 + side, y0 + side))
+
+
 def _jittered(im: Image.Image, jitter: float, rng: random.Random) -> Image.Image:
     """A random square of side (1 - u * jitter) * min(W, H), u ~ U(0, 1), at a random place (jitter 0: as is)."""
     if jitter <= 0:
@@ -132,6 +148,12 @@ class ManifestDataset(Dataset):
         jitter: framing jitter (training): HR and each reference are cut from a random
             square of side (1 - u * jitter) of the crop, u ~ U(0, 1), at a random place.
         check_files: verify every file exists up front.
+        degradation: how the LR is made from the HR (`model.degradations` preset: bicubic, real,
+            camera, harsh), drawn per sample from (seed, key): reproducible, independent of the
+            other per-sample randomness.
+        framing: (lo, hi) training zoom range: the HR is re-framed at a zoom ~ U(lo, hi) (> 1 closer,
+            < 1 farther), at a random position; None: as cropped.
+        zoom: evaluation: every HR centre-framed at this zoom (see `framed`).
     Raises:
         ManifestError: wrong schema or unreadable manifest.
         MsrError: missing roots, unsafe relative paths, missing files.
@@ -148,8 +170,17 @@ class ManifestDataset(Dataset):
         seed: int = 0,
         check_files: bool = True,
         jitter: float = 0.0,
+        degradation: str = "bicubic",
+        framing: tuple[float, float] | None = None,
+        zoom: float = 1.0,
     ):
         manifest = Path(manifest)
+        if degradation not in degradations.PRESETS:
+            raise MsrError(f"degradation must be one of {', '.join(degradations.PRESETS)}, got {degradation!r}")
+        if framing is not None and not (0.5 <= framing[0] <= framing[1] <= 2.0):
+            raise MsrError(f"framing must be lo,hi with 0.5 <= lo <= hi <= 2, got {framing}")
+        if not 0.5 <= zoom <= 2.0:
+            raise MsrError(f"zoom must be in [0.5, 2], got {zoom}")
         if not 0 <= num_refs <= 5:
             raise MsrError(f"num_refs must be in 0..5, got {num_refs}")
         if refs not in REF_MODES:
@@ -192,7 +223,7 @@ class ManifestDataset(Dataset):
                 )
             _check_inside(manifest, needed)
         self.scale, self.num_refs, self.ref_mode, self.flip, self.seed = scale, num_refs, refs, flip, seed
-        self.jitter = jitter
+        self.jitter, self.degradation, self.framing, self.zoom = jitter, degradation, framing, zoom
         self.ref_view = meta.get("query_view")  # which view of the query chose its references (hr | lr)
         splits = set(cols.get("split") or [])
         self.split = splits.pop() if len(splits) == 1 else None
@@ -201,9 +232,13 @@ class ManifestDataset(Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def _rng(self, key: int) -> random.Random:
+    def _rng(self, key: int | str) -> random.Random:
         h = hashlib.sha256(f"{self.seed}:{key}".encode()).digest()
         return random.Random(int.from_bytes(h[:8], "little"))
+
+    def degradation_at(self, key: int) -> degradations.Degradation:
+        """The degradation of sample `key`: a pure function of (seed, key)."""
+        return degradations.sample(self.degradation, self._rng(f"degradation:{key}"), self.scale)
 
     def _ref_paths(self, row: Row, rng: random.Random) -> list[Path]:
         if self.ref_mode in ("none", "oracle") or self.num_refs == 0:
@@ -218,7 +253,13 @@ class ManifestDataset(Dataset):
         row = self.rows[key % len(self.rows)]
         rng = self._rng(key)
         flip = self.flip and rng.random() < 0.5
-        hr, lr = degrade(_jittered(load_rgb(row.hr), self.jitter, rng), self.scale)
+        im = framed(load_rgb(row.hr), self.zoom)
+        if self.framing is not None:  # its own stream: the other per-sample draws stay as they were
+            frng = self._rng(f"framing:{key}")
+            im = framed(im, frng.uniform(*self.framing), frng.random(), frng.random())
+        hr, lr = degrade(_jittered(im, self.jitter, rng), self.scale)
+        if self.degradation != "bicubic":
+            lr = degradations.apply(hr, self.degradation_at(key))
         size = hr.size[0]
         refs = []
         for p in self._ref_paths(row, rng):

@@ -86,6 +86,21 @@ def summary_markdown(summary: dict[str, Any], title: str) -> str:
         m = summary[method]
         lines.append(f"| {method} | {m['psnr_y']:.3f} | {m['ssim_y']:.4f} | {m['psnr_rgb']:.3f} | {m['ssim_rgb']:.4f} "
                      f"| {m['psnr_y_full']:.3f} | {m['ssim_y_full']:.4f} |")
+    if summary.get("degradation", "bicubic") != "bicubic":
+        lines += ["", f"Inputs degraded with preset `{summary['degradation']}` (model.degradations), seeded per face "
+                      f"by (seed {summary['seed']}, face index); each face's parameters are in summary.json."]
+    if summary.get("framings"):
+        lines += ["", "Framings (centre zoom; > 1 closer, < 1 farther):", "",
+                  "| zoom | bicubic PSNR Y | SR PSNR Y | gain | SR PSNR Y full |", "|---:|---:|---:|---:|---:|"]
+        for z, f in summary["framings"].items():
+            lines.append(f"| {z} | {f['bicubic']['psnr_y']:.3f} | {f['sr']['psnr_y']:.3f} | "
+                         f"{f['sr']['psnr_y'] - f['bicubic']['psnr_y']:+.3f} | {f['sr']['psnr_y_full']:.3f} |")
+    if summary.get("identity"):
+        from .identity_eval import summary_lines
+
+        lines += summary_lines(summary["identity"])
+    elif summary.get("identity_note"):
+        lines += ["", summary["identity_note"]]
     return "\n".join(lines) + "\n"
 
 
@@ -101,29 +116,77 @@ def evaluate(
     use_ema: bool = True,
     report: bool = False,
     seed: int = 0,
+    degradation: str = "bicubic",
+    zooms: tuple[float, ...] = (),
+    allow_enlarged: bool = False,
+    identity: bool | None = None,
 ) -> tuple[Path, dict[str, Any]]:
     """Evaluate a checkpoint on a manifest; writes per_image.csv, summary.json, summary.md.
 
+    degradation: how each 16 px input is made (`model.degradations` preset), seeded per face by
+        (seed, face index): reproducible; recorded in summary.json with each face's parameters.
+    zooms: also score at these centre framings (zoom > 1 closer, < 1 farther; `data.framed`):
+        a model that only works at its training framing shows it here. summary["framings"].
     report=True also writes `report/index.html` with its pictures (see model.report).
+    allow_enlarged: score HR targets refbuild enlarged (`model.checks`; refused otherwise, as a stale
+        manifest or one paired for another scale always is); summary["hr_enlarged"] counts them.
+    identity: also score identity with the face recogniser (`model.identity_eval`): per-face columns,
+        summary["identity"]. None: when its weights are installed (else summary["identity_note"] says
+        why not); True: required (RefbuildError naming the pip command when absent); False: never.
     """
     ck = load_checkpoint(checkpoint)
     checkpoint = ck.path  # a run folder stands for its best (else last) checkpoint
     dev = pick_device(device)
     model = model_from_checkpoint(ck, use_ema).to(dev)
     k = num_refs if num_refs is not None else ck.meta.get("config", {}).get("num_refs", 4)
-    ds = ManifestDataset(manifest, model.scale, k, refs, data_root, seed=seed)
+    ds = ManifestDataset(manifest, model.scale, k, refs, data_root, seed=seed, degradation=degradation)
+    from .checks import check_manifest
+
+    enlarged = check_manifest(Path(manifest), model.scale, f"the checkpoint ({ck.meta.get('model')})", data_root,
+                              allow_enlarged)  # what `model train` refuses, refused here too
     if ds.split == "train":
         log.warning("%s: its metadata says split=train: these scores are on training faces", manifest)
-    out_dir = out_dir or Path(checkpoint).parent / f"eval-{Path(manifest).stem}-{refs}{k}"
+    tag = "" if degradation == "bicubic" else f"-{degradation}"
+    out_dir = out_dir or Path(checkpoint).parent / f"eval-{Path(manifest).stem}-{refs}{k}{tag}"
     out_dir.mkdir(parents=True, exist_ok=True)
     pages = None
     if report:
         from .report import EvalReport
 
         pages = EvalReport(out_dir / "report", ds)
-    rows, summary = evaluate_dataset(model, ds, dev, batch_size, visit=pages.add if pages else None)
+    ident, ident_note = None, None
+    if identity is not False:
+        from refbuild.errors import RefbuildError
+
+        from .identity_eval import IdentityEval
+
+        try:
+            ident = IdentityEval.load(ds, dev, data_root)
+        except RefbuildError as e:
+            if identity:
+                raise
+            ident_note = f"identity not measured: {e}"
+    visits = [v for v in (pages.add if pages else None, ident.add if ident else None) if v is not None]
+    visit = (lambda *a: [v(*a) for v in visits]) if visits else None
+    rows, summary = evaluate_dataset(model, ds, dev, batch_size, visit=visit)
+    if ident is not None:
+        per_face, summary["identity"] = ident.finish()
+        for r in rows:
+            r.update(per_face[r["face_id"]])
+    elif ident_note:
+        summary["identity_note"] = ident_note
     from refbuild.io import provenance
 
+    summary["degradation"] = degradation
+    if degradation != "bicubic":
+        summary["degradation_params"] = {r.face_id: ds.degradation_at(i).to_json() for i, r in enumerate(ds.rows)}
+    if zooms:
+        summary["framings"] = {}
+        for z in zooms:
+            zds = ManifestDataset(manifest, model.scale, k, refs, data_root, seed=seed, degradation=degradation, zoom=z)
+            zs = evaluate_dataset(model, zds, dev, batch_size)[1]
+            summary["framings"][f"{z:g}"] = {"sr": zs["sr"], "bicubic": zs["bicubic"]}
+    summary["hr_enlarged"] = enlarged.n if enlarged.known else None  # None: the library records no source sizes
     summary.update({"checkpoint": str(Path(checkpoint).resolve()), "manifest": str(Path(manifest).resolve()),
                     "model": ck.meta["model"], "use_ema": use_ema, "device": str(dev), "provenance": provenance()})
     buf = io.StringIO()

@@ -5,34 +5,111 @@ as the shipped model's aligned training crops, docs/DESIGN.md "Framing"). Its SR
 goes back into the photo, upscaled bicubically, through a feathered mask: 1 in
 the middle of the box, falling smoothly to 0 over the outer `feather` of its
 side, so no seam shows where the restored face meets the bicubic photo.
+
+Which faces are restored (docs/DESIGN.md "Restoring faces in whole photos", measured by
+`pipelines/realfaces.py`): only faces at most `MAX_FACE` px wide (the model sees every
+face through a 16x16 input, so a wider face loses more detail in that input than the
+model puts back); and only where the restoration, fitted to the face (`fit_to_face`) and
+shrunk back to the face's own size, agrees with the face (`MIN_AGREEMENT` dB) and the
+output is larger than the face: a restoration never replaces a face that holds more detail.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 
 Box = tuple[int, int, int, int]  # left, top, right, bottom in photo pixels (may reach outside the photo)
 
-MIN_PROB = 0.95  # refbuild detect's --min-prob
-MIN_FACE = 16  # smallest face box side kept, in photo pixels (tiny faces are what this model is for)
+MIN_PROB = 0.95  # --min-prob: MTCNN's last-stage probability (faces 8-16 px wide scored >= 0.97; false faces on
+#   nonface_negatives 0.86, 0.90, 0.97, 0.997: docs/DESIGN.md "Restoring faces in whole photos")
+MIN_FACE = 12  # --min-face: the smallest face looked for, detector box width in photo pixels
+ENLARGE_TO = 24  # photos are enlarged for detection so a MIN_FACE face spans this many pixels (MTCNN misses < ~20 px)
+DETECT_SIZE = 2048  # ... while the long side seen by the detector stays within this
+MAX_FACE = 40  # faces wider than this (detector box, px) are left as they were
+BACK_PROJECT = 4  # back-projection rounds fitting a restoration to its face (8 gained 0.01-0.02 dB more)
+MIN_AGREEMENT = 30.0  # dB PSNR between the fitted restoration shrunk back to the face's size and the face
 MAX_SIDE = 4096  # the restored photo's long side is kept below this
 
 
-def find_faces(photos: list[Image.Image], all_faces: bool, margin: float, device: str = "auto") -> list[list[Box] | str]:
-    """Square face boxes per photo, most confident first (only that one unless all_faces);
-    a string (the reason) where the detector failed on the photo."""
+@dataclass(frozen=True)
+class Found:
+    """One detected face: its square crop box (grown by the margin), the detector's box, its probability."""
+
+    box: Box
+    detector_box: tuple[float, float, float, float]
+    prob: float
+
+    @property
+    def width(self) -> float:
+        """The face's width: the detector box's, in photo pixels."""
+        return self.detector_box[2] - self.detector_box[0]
+
+
+def find_faces(photos: list[Image.Image], margin: float, device: str = "auto", min_face: int = MIN_FACE,
+               min_prob: float = MIN_PROB) -> list[list[Found] | str]:
+    """Faces per photo, most confident first, with probability >= min_prob; a string (the
+    reason) where the detector failed on the photo. Photos are enlarged for detection so a
+    face of min_face px spans ENLARGE_TO px (long side within DETECT_SIZE)."""
     from refbuild.detect import square_box
     from refbuild.detector import Detector
 
-    det = Detector(device=device, min_face=MIN_FACE)
-    found: list[list[Box] | str] = []
+    det = Detector(device=device, min_face=min_face, min_face_det=12, detect_size=DETECT_SIZE, enlarge_to=ENLARGE_TO)
+    found: list[list[Found] | str] = []
     for res in det.detect(photos):
         if isinstance(res, Exception):
             found.append(f"detector_error: {type(res).__name__}: {res}")
             continue
-        order = [int(i) for i in np.argsort(-res.probs) if res.probs[i] >= MIN_PROB]
-        found.append([square_box(res.boxes[i], margin) for i in (order if all_faces else order[:1])])
+        order = [int(i) for i in np.argsort(-res.probs, kind="stable") if res.probs[i] >= min_prob]
+        found.append([Found(square_box(res.boxes[i], margin), tuple(round(float(v), 1) for v in res.boxes[i]),
+                            float(res.probs[i])) for i in order])
     return found
+
+
+def size_rule(width: float, max_face: float = MAX_FACE) -> str | None:
+    """None when a face this wide (detector box, px) is restored; else why it is left as it was."""
+    if width > max_face:
+        return f"wider than {max_face:g} px"
+    return None
+
+
+def _resize_f(a: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """HWC float32 -> size (w, h), PIL bicubic (antialiased when shrinking) per channel, unclipped."""
+    return np.stack([np.asarray(Image.fromarray(a[..., c], "F").resize(size, Image.BICUBIC)) for c in range(a.shape[2])], -1)
+
+
+def fit_to_face(sr: Image.Image, face: Image.Image, side: int, iters: int = BACK_PROJECT) -> tuple[Image.Image, float]:
+    """The restoration at side x side, back-projected onto the face it came from; and its agreement.
+
+    Back-projection (Irani & Peleg): the difference between the face and the restoration
+    shrunk to the face's size is enlarged and added, `iters` times, so what the face itself
+    shows (every band up to its own resolution) comes from the face, and the model adds only
+    finer detail. Agreement: PSNR (dB, RGB) of the result shrunk back to the face's size
+    against the face.
+    """
+    f = np.asarray(face, dtype=np.float32)
+    small = face.size
+    out = np.asarray(sr.resize((side, side), Image.BICUBIC), dtype=np.float32)
+    for _ in range(iters):
+        out = out + _resize_f(f - _resize_f(out, small), (side, side))
+    out = np.clip(out + 0.5, 0, 255).astype(np.uint8)
+    back = np.asarray(Image.fromarray(out).resize(small, Image.BICUBIC), dtype=np.float64)
+    mse = float(np.mean((back - f) ** 2))
+    return Image.fromarray(out), (float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse))
+
+
+def paste_rule(side: int, crop: int, agreement: float, min_agreement: float = MIN_AGREEMENT,
+               sr_side: int | None = None) -> str | None:
+    """None when a restoration (sr_side px, made) pasted at side px over a face cut at crop px may be
+    pasted; else why not (the kind of reason before the colon, its figures after: summaries group by kind)."""
+    if sr_side is not None and sr_side <= crop:
+        return f"restoration no larger than the face: {sr_side} px <= {crop} px"
+    if side <= crop:
+        return f"output no larger than the face: {side} px <= {crop} px"
+    if agreement < min_agreement:
+        return f"restoration disagrees with the face: {agreement:.1f} dB < {min_agreement:g} dB, shrunk back to {crop} px"
+    return None
 
 
 def crop(photo: Image.Image, box: Box) -> Image.Image:

@@ -2,7 +2,8 @@
 
 `<eval out>/report/index.html` holds the metrics table (both conventions, bicubic
 beside), a histogram of the per-face PSNR-Y gain, a gallery of LR | bicubic |
-references | SR | HR per test face (sortable by gain, paged over an inline JSON
+references | SR | HR per test face (sortable by PSNR gain and, when `model eval` scored
+identity, by identity gain; paged over an inline JSON
 blob) and the run's training sample grids. Pictures are small PNGs under
 `report/img/` and `report/samples/` (copied from the checkpoint's run folder), so
 the folder can be moved or zipped and opens without a server or a network; the
@@ -135,7 +136,8 @@ class EvalReport:
             bic, sr = r["bicubic_psnr_y"], r["sr_psnr_y"]
             gain = sr - bic if math.isfinite(sr) and math.isfinite(bic) else None
             faces.append([fid, self.identity.get(fid), _num(bic, 3), _num(sr, 3), _num(gain, 3),
-                          _num(r["bicubic_ssim_y"], 4), _num(r["sr_ssim_y"], 4), self.tiles.get(fid)])
+                          _num(r["bicubic_ssim_y"], 4), _num(r["sr_ssim_y"], 4), self.tiles.get(fid),
+                          *_identity_cells(r)])
         gains = [f[4] for f in faces if f[4] is not None]
         samples = self._samples(Path(run_dir))
         data = {"faces": faces, "samples": samples, "pageSize": PAGE_SIZE}
@@ -164,6 +166,34 @@ class EvalReport:
         return self.out / "index.html"
 
 
+def _identity_cells(r: dict[str, Any]) -> list:
+    """[identity gain (bicubic minus SR distance to the HR; > 0: SR nearer), [bicubic distance, SR distance,
+    SR verified, SR drifted, the reference identity it drifted to]], or [None, None] without identity."""
+    if "sr_id_dist" not in r:
+        return [None, None]
+    return [_num(r["id_gain"], 4), [_num(r["bicubic_id_dist"], 4), _num(r["sr_id_dist"], 4), bool(r["sr_verified"]),
+                                    bool(r["sr_drifted"]), r.get("sr_drift_ref")]]
+
+
+def _identity_html(s: dict[str, Any]) -> str:
+    """The identity box of the metrics row (summary["identity"])."""
+    g = s["gallery"]
+    pct = lambda v: "n/a" if v is None else f"{100 * v:.1f}%"  # noqa: E731
+    body = ""
+    for m, label in (("hr", "HR"), ("bicubic", "bicubic"), ("sr", "SR")):
+        x = s[m]
+        ref = "n/a" if x.get("ref_distance") is None else f"{x['ref_distance']:.3f}"
+        body += (f"<tr data-method='id-{m}'><td>{label}</td><td>{x['distance']:.3f}</td><td>{pct(x['verified'])}</td>"
+                 f"<td>{pct(x['rank1'])}</td><td>{ref}</td><td>{'' if m == 'hr' else x.get('drifted', 'n/a')}</td></tr>")
+    table = ("<table class='metrics'><thead><tr><th>identity</th><th>distance to HR</th><th>verified</th><th>rank-1</th>"
+             f"<th>nearest ref</th><th>drifted to a ref</th></tr></thead><tbody>{body}</tbody></table>")
+    note = (f"<p class='note'>dlib's face recogniser; same person when the distance is below {s['threshold']}. "
+            f"Rank-1 among {g['identities']} identities against a gallery of {g['photos']} photos (each face's own "
+            f"HR photo and its near-duplicates left out; {g['queries']} faces have another photo of their person). "
+            "Drifted: the face verifies as one of its references (other people) rather than its own HR.</p>")
+    return f"<div class='box'>{table}{note}</div>"
+
+
 def _metrics_html(summary: dict[str, Any], gains: list[float]) -> str:
     head = "".join(f"<th>{h}</th>" for _, h, _ in _COLUMNS)
     body = ""
@@ -184,7 +214,8 @@ def _metrics_html(summary: dict[str, Any], gains: list[float]) -> str:
           ("SR beats bicubic (PSNR Y)", f"{better:,} of {len(gains):,} faces"),
           ("manifest", f"<code>{html.escape(str(summary['manifest']))}</code>")]
     kv_html = "<table class='kv'>" + "".join(f"<tr><td>{k}</td><td>{v}</td></tr>" for k, v in kv) + "</table>"
-    return f"<div class='box'>{metrics}{note}</div><div class='box'>{kv_html}</div>"
+    ident = _identity_html(summary["identity"]) if summary.get("identity") else ""
+    return f"<div class='box'>{metrics}{note}</div><div class='box'>{kv_html}</div>{ident}"
 
 
 def _samples_html(samples: list[list], run_dir: Path) -> str:

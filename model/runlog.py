@@ -97,22 +97,29 @@ class MetricsLogger:
             self._tb.close()
 
 
-def labelled_grid(rows: list[list[Image.Image | None]], labels: list[str], tile: int) -> Image.Image:
-    """Tiles (resized to tile x tile; None: left grey) in rows, under a header of column labels."""
+def labelled_grid(rows: list[list[Image.Image | None]], labels: list[str], tile: int,
+                  names: list[str] | None = None) -> Image.Image:
+    """Tiles (resized to tile x tile; None: left grey) in rows, under a header of column labels;
+    `names`, when given, one per row: a caption line above each row (e.g. the input file it shows)."""
     from PIL import ImageDraw
 
     header = 14
+    caption = header if names is not None else 0
     cols = max([len(labels)] + [len(r) for r in rows])
-    grid = Image.new("RGB", (cols * tile, header + len(rows) * tile), (128, 128, 128))
+    grid = Image.new("RGB", (cols * tile, header + len(rows) * (caption + tile)), (128, 128, 128))
     draw = ImageDraw.Draw(grid)
     draw.rectangle((0, 0, grid.width, header - 1), fill=(255, 255, 255))
     for c, text in enumerate(labels):
         draw.text((c * tile + 3, 1), text, fill=(0, 0, 0))
     for r, row in enumerate(rows):
+        top = header + r * (caption + tile)
+        if names is not None:
+            draw.rectangle((0, top, grid.width, top + caption - 1), fill=(235, 235, 235))
+            draw.text((3, top + 1), names[r], fill=(0, 0, 0))
         for c, im in enumerate(row):
             if im is not None:
                 grid.paste(im if im.size == (tile, tile) else im.resize((tile, tile), Image.BICUBIC),
-                           (c * tile, header + r * tile))
+                           (c * tile, top + caption))
     return grid
 
 

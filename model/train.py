@@ -22,7 +22,7 @@ from . import distributed
 from .checkpoint import load_checkpoint, load_weights, restore_optimizer, restore_rng, save_checkpoint
 from .data import ManifestDataset, ResumableBatchSampler
 from .errors import CheckpointError, MsrError
-from .losses import sr_loss
+from .losses import IdentityLoss, sr_loss
 from .registry import create_model
 from .runlog import MetricsLogger, run_lock, sample_grid, save_png_atomic
 
@@ -43,6 +43,10 @@ class TrainConfig:
     refs: str = "matched"  # matched | random | none | oracle | shuffled
     ref_dropout: float = 0.0  # probability a sample keeps only a uniform 0..m-1 of its references
     jitter: float = 0.0  # framing jitter of HR and references (see ManifestDataset)
+    degradation: str = "bicubic"  # how the LR is made: bicubic (the paper's) | real (model.degradations)
+    framing: tuple[float, float] | None = None  # HR zoom range, e.g. (0.9, 1.3): framings the test crops may have
+    init_from: Path | None = None  # start from these weights (a shipped .safetensors or a run's), not at random
+    id_loss_weight: float = 0.0  # weight of the identity loss (the frozen recogniser; model.losses.IdentityLoss)
     use_swin: bool = True
     steps: int = 10_000
     batch_size: int = 4
@@ -61,9 +65,10 @@ class TrainConfig:
     ckpt_every: int = 500
     sample_every: int = 500
     device: str = "auto"
-    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; or fp32 / bf16 (~1.3x on AVX512-BF16 CPUs)
+    precision: str = "auto"  # auto: bf16 autocast on CUDA and on CPUs with native bf16, else fp32; or fp32 / bf16
     resume: bool = False
     allow_changed_config: bool = False  # let --resume change result-affecting settings (see `settings`)
+    allow_enlarged: bool = False  # accept HR targets refbuild enlarged (model.checks), with a warning
     stop_after: int | None = None  # stop (and checkpoint) at this step; the schedule still spans `steps`
     progress: bool = True
 
@@ -78,8 +83,8 @@ class TrainConfig:
 
 # where and how a run goes, not what it computes: a resume may change these freely
 RUNTIME_FIELDS = frozenset({"name", "runs_dir", "workers", "log_every", "ckpt_every", "sample_every", "device",
-                            "resume", "allow_changed_config", "stop_after", "progress"})
-_PATH_FIELDS = ("manifest", "data_root", "val_manifest")
+                            "resume", "allow_changed_config", "allow_enlarged", "stop_after", "progress"})
+_PATH_FIELDS = ("manifest", "data_root", "val_manifest", "init_from")
 
 
 def settings(config: dict) -> dict:
@@ -212,21 +217,29 @@ def _resume_position(ck) -> tuple[int, float]:
 
 def _train_locked(cfg: TrainConfig, info: distributed.DistInfo, device: torch.device, run_dir: Path,
                   last: Path) -> Path:
-    precision = resolve_precision(cfg.precision, device, MsrError)
+    precision = resolve_precision(cfg.precision, device, MsrError, cpu_bf16=True)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model_kwargs = cfg.model_kwargs
     model = create_model(cfg.model, **model_kwargs).to(device, memory_format=torch.channels_last)  # faster convs, CPU too
     ds = ManifestDataset(cfg.manifest, model.scale, cfg.num_refs, cfg.refs, cfg.data_root, cfg.flip, cfg.seed,
-                         jitter=cfg.jitter)
-    if cfg.data_root is None:  # a moved library (--data-root) cannot be checked against the files it was made from
-        from refbuild.stale import stale_reason
+                         jitter=cfg.jitter, degradation=cfg.degradation, framing=cfg.framing)
+    from .checks import check_manifest
 
-        for path in (cfg.manifest, cfg.val_manifest):
-            if path is not None and (why := stale_reason(Path(path))) is not None:
-                raise MsrError(why)
+    for path in (cfg.manifest, cfg.val_manifest):  # stale or misplaced, another scale's references, enlarged HR
+        if path is not None:
+            check_manifest(Path(path), model.scale, f"the model {cfg.model}", cfg.data_root, cfg.allow_enlarged)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     ema = Ema(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
     step, best = 0, -math.inf  # higher is better: val PSNR-Y, else minus the mean training loss
+    if cfg.init_from is not None and not cfg.resume:
+        init = load_checkpoint(cfg.init_from)
+        if init.meta.get("model") != cfg.model or init.meta.get("model_kwargs", {}) != model_kwargs:
+            raise MsrError(f"{cfg.init_from}: holds {init.meta.get('model')} {init.meta.get('model_kwargs')}, "
+                           f"not {cfg.model} {model_kwargs}; pass --model {init.meta.get('model')}")
+        section = "ema" if init.section("ema") else "model"
+        load_weights(model, init.section(section), str(init.path), section + ".")
+        if ema is not None:
+            ema.module.load_state_dict(model.state_dict())
     if cfg.resume:  # every rank loads `last`: weights, EMA and optimizer stay identical across ranks
         ck = load_checkpoint(last)
         if ck.meta.get("model") != cfg.model or ck.meta.get("model_kwargs") != model_kwargs:
@@ -242,7 +255,8 @@ def _train_locked(cfg: TrainConfig, info: distributed.DistInfo, device: torch.de
     net = distributed.wrap(_Step(model), info, device)
     val = None
     if cfg.val_manifest is not None:  # read on every rank so that a bad one fails them all alike
-        val = ManifestDataset(cfg.val_manifest, model.scale, cfg.num_refs, cfg.refs, cfg.data_root)
+        val = ManifestDataset(cfg.val_manifest, model.scale, cfg.num_refs, cfg.refs, cfg.data_root,
+                              degradation="bicubic" if cfg.degradation == "bicubic" else "camera")
         shared = {r.identity for r in ds.rows if r.identity} & {r.identity for r in val.rows if r.identity}
         if shared:
             raise MsrError(f"{cfg.val_manifest}: {len(shared)} identity(ies) also in {cfg.manifest}, e.g. "
@@ -260,6 +274,7 @@ def _train_locked(cfg: TrainConfig, info: distributed.DistInfo, device: torch.de
         ) | {"model_kwargs": model_kwargs, "scale": model.scale, "world_size": info.world_size})
         logger = MetricsLogger(run_dir, ["step", "loss", "lr", "samples_per_s", "val_psnr_y"], step)
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    id_loss = IdentityLoss(device) if cfg.id_loss_weight > 0 else None
 
     def checkpoint(kind: str, score: float) -> None:
         meta = {"model": cfg.model, "model_kwargs": model_kwargs, "step": step, "best": _stored(best),
@@ -300,6 +315,8 @@ def _train_locked(cfg: TrainConfig, info: distributed.DistInfo, device: torch.de
             with amp:
                 feats, sr = net(lr_img, refs, mask)
                 loss = sr_loss(sr, hr, feats.get("sr1"), cfg.stage1_weight)
+                if id_loss is not None:
+                    loss = loss + cfg.id_loss_weight * id_loss(sr, hr)
             opt.zero_grad(set_to_none=True)
             loss.backward()  # under DDP: gradients averaged over ranks = gradient of the global-batch mean
             if cfg.grad_clip > 0:

@@ -14,6 +14,11 @@ matched - random and matched - none are >= 0.2 dB PSNR-Y (crop = scale) with the
 95% bootstrap CI of the per-face paired difference above 0. Random and shuffled arms are
 averaged over the seeds per face before differencing (the spread over seeds is reported too).
 
+Identity, when `model eval` scored it (the face recogniser is installed): the same paired
+differences and CIs of the SR's recogniser distance to its own HR (`sr_id_dist`; lower is the
+right person, so a negative matched - random means matched references keep identity better),
+and each arm's verification rate and count of faces drifted to a reference's identity.
+
     python -m pipelines.ablate --checkpoint weights/msrnet2_x8.safetensors \\
         --manifest LIB/manifests/NAME/test.parquet --seeds 0,1,2 --out ablation/
 """
@@ -40,30 +45,37 @@ def paired_ci(diff: np.ndarray, n_boot: int = 10_000, seed: int = 0) -> tuple[fl
 
 
 def run_arms(checkpoint: Path, manifest: Path, out: Path, seeds: list[int], device: str, num_refs: int | None,
-             metric: str) -> dict[str, dict]:
+             metric: str, allow_enlarged: bool = False) -> dict[str, dict]:
     """Per arm: face_id -> metric (mean over seeds for seeded arms), plus the per-seed means."""
     from model.evaluate import evaluate
 
     res: dict[str, dict] = {}
     for arm in ARMS:
         per_face: dict[str, list[float]] = {}
-        seed_means, bicubic = [], None
+        per_face_id: dict[str, list[float]] = {}  # sr_id_dist, when identity was scored
+        seed_means, bicubic, ident = [], None, []
         for seed in (seeds if arm in SEEDED else [0]):
             where, summary = evaluate(checkpoint, manifest, out / f"{arm}_s{seed}", arm, num_refs, device=device,
-                                      seed=seed)
+                                      seed=seed, allow_enlarged=allow_enlarged)
             seed_means.append(summary["sr"][metric])
             bicubic = summary["bicubic"][metric]
+            if summary.get("identity"):
+                ident.append(summary["identity"])
             with open(where / "per_image.csv", newline="") as fh:
                 for row in csv.DictReader(fh):
                     per_face.setdefault(row["face_id"], []).append(float(row[f"sr_{metric}"]))
+                    if row.get("sr_id_dist"):
+                        per_face_id.setdefault(row["face_id"], []).append(float(row["sr_id_dist"]))
         res[arm] = {"per_face": {k: float(np.mean(v)) for k, v in per_face.items()}, "seed_means": seed_means,
-                    "bicubic": bicubic, "summary": summary}
+                    "bicubic": bicubic, "summary": summary, "identity": ident,
+                    "per_face_id": {k: float(np.mean(v)) for k, v in per_face_id.items()}}
     return res
 
 
-def compare(res: dict[str, dict], a: str, b: str) -> dict[str, float]:
-    faces = sorted(res[a]["per_face"])
-    diff = np.array([res[a]["per_face"][f] - res[b]["per_face"][f] for f in faces])
+def compare(res: dict[str, dict], a: str, b: str, key: str = "per_face") -> dict[str, float]:
+    """Paired a - b over the faces (key: "per_face", the metric; "per_face_id", the SR's identity distance)."""
+    faces = sorted(res[a][key])
+    diff = np.array([res[a][key][f] - res[b][key][f] for f in faces])
     mean, lo, hi = paired_ci(diff)
     return {"mean": mean, "ci_lo": lo, "ci_hi": hi, "n": len(faces)}
 
@@ -77,9 +89,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--num-refs", type=int, default=None)
     ap.add_argument("--metric", default="psnr_y", help="psnr_y (crop = scale) or psnr_y_full (literature)")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--allow-enlarged", action="store_true",
+                    help="evaluate on HR targets refbuild enlarged (refused otherwise; model.checks)")
     a = ap.parse_args(argv)
     seeds = [int(s) for s in a.seeds.split(",")]
-    res = run_arms(a.checkpoint, a.manifest, a.out, seeds, a.device, a.num_refs, a.metric)
+    res = run_arms(a.checkpoint, a.manifest, a.out, seeds, a.device, a.num_refs, a.metric, a.allow_enlarged)
     pairs = {f"{x} - {y}": compare(res, x, y) for x, y in
              (("matched", "random"), ("matched", "none"), ("matched", "shuffled"), ("oracle", "none"),
               ("random", "none"))}
@@ -97,12 +111,28 @@ def main(argv: list[str] | None = None) -> None:
     lines += [f"| {k} | {v['mean']:+.3f} | [{v['ci_lo']:+.3f}, {v['ci_hi']:+.3f}] |" for k, v in pairs.items()]
     lines += ["", f"references help (both matched - random and matched - none >= {THRESHOLD_DB} dB, CI above 0): "
               f"**{'yes' if helps else 'no'}**"]
+    id_pairs = {}
+    if all(res[arm]["per_face_id"] for arm in ARMS):
+        id_pairs = {k: compare(res, *k.split(" - "), key="per_face_id") for k in pairs}
+        b = res["matched"]["identity"][0]["bicubic"]
+        lines += ["", "Identity (face recogniser distance of the SR to its own HR; lower is the right person; same "
+                  "person below 0.6):", "", "| arm | distance | verified | drifted to a reference |",
+                  "|---|---:|---:|---:|", f"| bicubic | {b['distance']:.3f} | {100 * b['verified']:.1f}% | |"]
+        for arm in ARMS:
+            ids = res[arm]["identity"]
+            drifted = [s["sr"].get("drifted") for s in ids]
+            lines.append(f"| {arm} | {np.mean([s['sr']['distance'] for s in ids]):.3f} | "
+                         f"{100 * np.mean([s['sr']['verified'] for s in ids]):.1f}% | "
+                         f"{'/'.join('n/a' if d is None else str(d) for d in drifted)} |")
+        lines += ["", "| paired difference (identity distance) | mean | 95% CI |", "|---|---:|---|"]
+        lines += [f"| {k} | {v['mean']:+.4f} | [{v['ci_lo']:+.4f}, {v['ci_hi']:+.4f}] |" for k, v in id_pairs.items()]
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "ablation.json").write_text(json.dumps(
         {"checkpoint": str(a.checkpoint), "manifest": str(a.manifest), "metric": a.metric, "seeds": seeds,
          "arms": {k: {"mean": float(np.mean(v["seed_means"])), "seed_means": v["seed_means"],
                       "bicubic": v["bicubic"]} for k, v in res.items()},
-         "pairs": pairs, "references_help": helps}, indent=2))
+         "pairs": pairs, "references_help": helps, "identity_pairs": id_pairs,
+         "identity": {k: v["identity"] for k, v in res.items()}}, indent=2))
     (a.out / "ablation.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

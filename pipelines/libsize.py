@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             abl = a.out / "ablate" / name
             if not (abl / "ablation.json").is_file():
                 ablate.main(["--checkpoint", str(run / "last.safetensors"), "--manifest", str(test_m),
-                             "--out", str(abl), "--seeds", a.eval_seeds, "--device", a.device])
+                             "--out", str(abl), "--seeds", a.eval_seeds, "--device", a.device]
+                            + (["--allow-enlarged"] if a.allow_enlarged else []))
             res = json.loads((abl / "ablation.json").read_text())
             rows.append({"run": name, "seed": seed, **sizes, "arms": {k2: v["mean"] for k2, v in res["arms"].items()},
                          "bicubic": res["arms"]["matched"]["bicubic"], "pairs": res["pairs"]})

@@ -44,6 +44,7 @@ def sh(args: list[str], log: Path, threads: int) -> float:
 
 def train_and_eval(run: dict, a: argparse.Namespace) -> dict:
     py = [sys.executable, "-m", "model"]
+    allow = ["--allow-enlarged"] if a.allow_enlarged else []
     out = a.runs_dir / run["name"]
     log = a.runs_dir / f"{run['name']}.log"
     a.runs_dir.mkdir(parents=True, exist_ok=True)
@@ -52,7 +53,7 @@ def train_and_eval(run: dict, a: argparse.Namespace) -> dict:
                     "--num-refs", str(run["refs"]), "--steps", str(a.steps), "--batch-size", str(a.batch_size),
                     "--lr", str(a.lr), "--warmup-steps", "20", "--name", run["name"], "--runs-dir", str(a.runs_dir),
                     "--device", a.device, "--log-every", "25", "--ckpt-every", str(a.steps), "--sample-every", str(a.steps)]
-              + (["--no-swin"] if run.get("no_swin") else []) + resume, log, a.threads)
+              + (["--no-swin"] if run.get("no_swin") else []) + resume + allow, log, a.threads)
     ckpt = out / "last.safetensors"
     evals = {"matched": ["--refs", "matched"]}
     if run["name"] in ("x4_m4", "x8_m4"):
@@ -60,11 +61,11 @@ def train_and_eval(run: dict, a: argparse.Namespace) -> dict:
     res = {"run": run, "train_seconds": round(secs, 1), "evals": {}}
     for key, extra in evals.items():
         sh(py + ["eval", "--checkpoint", str(ckpt), "--manifest", str(a.manifests / "test.parquet"),
-                 "--out", str(out / f"eval_{key}"), "--device", a.device] + extra, log, a.threads)
+                 "--out", str(out / f"eval_{key}"), "--device", a.device] + extra + allow, log, a.threads)
         res["evals"][key] = json.loads((out / f"eval_{key}" / "summary.json").read_text())
     if a.lr_view_manifests and run["name"] in ("x4_m4", "x8_m4"):
         sh(py + ["eval", "--checkpoint", str(ckpt), "--manifest", str(a.lr_view_manifests / "test.parquet"),
-                 "--out", str(out / "eval_lrview"), "--device", a.device], log, a.threads)
+                 "--out", str(out / "eval_lrview"), "--device", a.device] + allow, log, a.threads)
         res["evals"]["lr_view"] = json.loads((out / "eval_lrview" / "summary.json").read_text())
     (out / "result.json").write_text(json.dumps(res, indent=2))
     return res
@@ -117,6 +118,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--parallel", type=int, default=2, help="runs at once")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--allow-enlarged", action="store_true",
+                    help="train and evaluate on HR targets refbuild enlarged (refused otherwise; model.checks)")
     ap.add_argument("--only", nargs="*", help="run names to (re)run")
     ap.add_argument("--render", action="store_true", help="print the Markdown tables of runs-dir/results.json and stop")
     a = ap.parse_args(argv)

@@ -118,7 +118,8 @@ def run_one(base, method: str, seed: int, stop_at: int, test: Path, out: Path, d
     if stop_at < cfg.steps and "equal_time" not in res:
         run = train(replace(cfg, stop_after=stop_at, resume=started))
         res["seconds_to_equal_time_step"] = time.perf_counter() - t0
-        _, s = evaluate(run / "last.safetensors", test, out / "eval" / f"{cfg.name}_step{stop_at}", device=device)
+        _, s = evaluate(run / "last.safetensors", test, out / "eval" / f"{cfg.name}_step{stop_at}", device=device,
+                        allow_enlarged=cfg.allow_enlarged)
         res["equal_time"] = _scores(s)
         write_json(partial, res)
         if on_partial:
@@ -128,7 +129,8 @@ def run_one(base, method: str, seed: int, stop_at: int, test: Path, out: Path, d
     run = train(replace(cfg, resume=started))
     seconds = res.get("seconds_to_equal_time_step", 0.0) + time.perf_counter() - t1
     res["train_seconds"] = seconds
-    _, s = evaluate(run / "last.safetensors", test, out / "eval" / cfg.name, device=device)
+    _, s = evaluate(run / "last.safetensors", test, out / "eval" / cfg.name, device=device,
+                    allow_enlarged=cfg.allow_enlarged)
     res["equal_samples"] = _scores(s)
     res["bicubic"] = _scores(s, "bicubic")
     res["n_test"], res["split"], res["ref_view"] = s["n"], s.get("split"), s.get("ref_view")
@@ -206,6 +208,8 @@ def add_recipe_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--num-refs", type=int, default=4)
     ap.add_argument("--workers", type=int, default=0)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--allow-enlarged", action="store_true",
+                    help="train and evaluate on HR targets refbuild enlarged (refused otherwise; model.checks)")
 
 
 def recipe_config(a: argparse.Namespace, manifest: Path, ckpt_every: int):
@@ -216,7 +220,7 @@ def recipe_config(a: argparse.Namespace, manifest: Path, ckpt_every: int):
     return TrainConfig(manifest=manifest, steps=a.steps, batch_size=a.batch_size, lr=a.lr, warmup_steps=warmup,
                        ema_decay=a.ema_decay, ref_dropout=a.ref_dropout, jitter=a.jitter, num_refs=a.num_refs,
                        workers=a.workers, device=a.device, progress=False, ckpt_every=ckpt_every,
-                       sample_every=a.steps, log_every=max(1, min(50, a.steps)))
+                       sample_every=a.steps, log_every=max(1, min(50, a.steps)), allow_enlarged=a.allow_enlarged)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -18,7 +18,8 @@ from refbuild.errors import RefbuildError
 from refbuild.io import sha256_file
 from refbuild.library import Library
 from refbuild.pair import DUP_EPS
-from refbuild.stale import stale_reason
+from refbuild.same_person import is_same_person, manifest_checks
+from refbuild.stale import copied_from, stale_reason
 
 
 @dataclass(frozen=True)
@@ -247,13 +248,15 @@ def audit_owner(path: Path, lib: Library, checks: list[Check]) -> None:
 
 
 def audit_manifest(path: Path, checks: list[Check], holdout_ids: set[str], train_ids: set[str],
-                   root: Path | None = None) -> None:
-    """root: the library the manifest's roots stand for (a moved library), else its metadata's."""
+                   root: Path | None = None, info: dict | None = None) -> None:
+    """root: the library the manifest's roots stand for (a moved library), else its metadata's.
+    info: what `audit_library` found (a same-person manifest's photos are checked against it)."""
     t = _read(path, "training_manifest", checks)
     if t is None:
         return
     meta = metadata(path)
     cross = meta.get("hr_root") != meta.get("ref_root")
+    same = is_same_person(meta)  # the experiment: references are the query's own identity (refbuild.same_person)
     rows = t.to_pylist()
     c_s = Check(f"{path.parent.name}/{path.name}: every row of split {meta.get('split')!r}", len(rows))
     c_s.violations += [f"{r['face_id']}: split {r['split']!r} in a manifest of split {meta.get('split')!r}"
@@ -276,7 +279,8 @@ def audit_manifest(path: Path, checks: list[Check], holdout_ids: set[str], train
     checks.append(c_r)
     c_f = Check(f"{path.parent.name}/{path.name}: files present inside their roots", 0)
     c_l = Check(f"{path.parent.name}/{path.name}: no held-out identity as reference or in train", 0)
-    c_i = Check(f"{path.parent.name}/{path.name}: references are other faces and identities", 0)
+    c_i = Check(f"{path.parent.name}/{path.name}: " + ("references are other photos of the same identity "
+                "(same-person experiment)" if same else "references are other faces and identities"), 0)
     for r in rows:
         for k in ("ref_face_ids", "ref_paths", "ref_identities", "ref_distances"):
             if r[k] is None:
@@ -289,7 +293,9 @@ def audit_manifest(path: Path, checks: list[Check], holdout_ids: set[str], train
             c_i.checked += 1
             if fid == r["face_id"]:
                 c_i.fail(f"{r['face_id']}: references itself")
-            elif r["identity"] is not None and ident == r["identity"]:
+            elif same and (r["identity"] is None or ident != r["identity"]):
+                c_i.fail(f"{r['face_id']}: reference {fid} has identity {ident}, not the query's {r['identity']}")
+            elif not same and r["identity"] is not None and ident == r["identity"]:
                 c_i.fail(f"{r['face_id']}: reference {fid} has the same identity {ident}")
         for root, rel in [(hr_root, r["hr_path"])] + [(ref_root, p) for p in r["ref_paths"]]:
             c_f.checked += 1
@@ -302,19 +308,22 @@ def audit_manifest(path: Path, checks: list[Check], holdout_ids: set[str], train
                 c_f.fail(f"{r['face_id']}: {p} is not a crop of the library {root}")
         for ident in r["ref_identities"]:
             c_l.checked += 1
-            if ident is not None and ident in holdout_ids:
+            if ident is not None and ident in holdout_ids and not (same and ident == r["identity"]):
                 c_l.fail(f"{r['face_id']}: reference identity {ident} is a val/test identity")
         if r["split"] == "train" and r["identity"] in holdout_ids:
             c_l.fail(f"{r['face_id']}: train row of val/test identity {r['identity']}")
         if r["split"] in ("val", "test") and r["identity"] is not None and r["identity"] in train_ids and not cross:
             c_l.fail(f"{r['face_id']}: {r['split']} row of train identity {r['identity']}")
     checks += [c_m, c_f, c_l, c_i]
+    if same and info and not cross:
+        checks += [Check(*c) for c in manifest_checks(f"{path.parent.name}/{path.name}", rows, info.get("faces", {}),
+                                                      info.get("photo", {}), info.get("split", {}))]
 
 
 def run(cfg: AuditConfig) -> list[Check]:
     lib = Library(cfg.lib)
     checks: list[Check] = []
-    audit_library(lib, cfg.hashes, checks)
+    info = audit_library(lib, cfg.hashes, checks)
     manifests = list(cfg.manifests or [])
     if cfg.manifests is None and lib.config("pair").is_file():
         try:
@@ -331,7 +340,8 @@ def run(cfg: AuditConfig) -> list[Check]:
     if moved:
         old = next(iter(moved.values()))
         checks.append(Check("library where its manifests say", len(moved), [
-            f"{lib.root}: this library moved from {old} ({len(moved)} manifest(s) still name it); pass "
+            f"{lib.root}: this library moved from {old}, or is a copy of it ({len(moved)} manifest(s) still name "
+            f"that folder, and would read its images there); pass "
             f"`--data-root {lib.root.resolve()}` to `model train`/`model eval`, or rerun `refbuild pair {lib.root}`"]))
     audit_stale(lib, checks, [p for p in manifests if p not in moved])
     idents = defaultdict(set)
@@ -348,27 +358,32 @@ def run(cfg: AuditConfig) -> list[Check]:
     for path in manifests:
         if path.is_file() and path not in moved:
             audit_owner(path, lib, checks)
-        audit_manifest(path, checks, holdout, idents["train"], lib.root if path in moved else None)
+        audit_manifest(path, checks, holdout, idents["train"], lib.root if path in moved else None, info)
     return checks
 
 
 def _relocated(path: Path, made_in: str | None, lib: Library) -> Path:
-    """A manifest path pair.config.json recorded inside the library's old folder, seen in its new one."""
-    if path.exists() or not made_in or Path(made_in).exists() or not path.is_relative_to(made_in):
+    """A manifest path pair.config.json recorded inside the library's old folder (it moved, or this is
+    a copy), seen in this one: a copy's audit is about the copy's manifests, not the original's."""
+    if not made_in or Path(made_in) == lib.root.resolve() or not path.is_relative_to(made_in):
         return path
-    return lib.root / path.relative_to(made_in)
+    here = lib.root / path.relative_to(made_in)
+    return here if here.exists() or not path.exists() else path
 
 
 def _moved_from(path: Path, lib: Library) -> str | None:
-    """The folder a manifest of this library names when the library has moved since: that folder
-    is gone and every file the manifest lists is under this library instead."""
+    """The folder a manifest of this library names when the library has moved or been copied since:
+    that folder is gone (or this library holds the faces.parquet the manifest was made from) and every
+    file the manifest lists is under this library instead."""
     try:
         meta = metadata(path)
         rows = read_table(path, "training_manifest", columns=["hr_path", "ref_paths"]).to_pylist()
     except Exception:
         return None  # reported by the schema check
     old = meta.get("ref_root")
-    if not old or meta.get("hr_root") != old or old == str(lib.root.resolve()) or Path(old).exists():
+    if not old or meta.get("hr_root") != old or old == str(lib.root.resolve()):
+        return None
+    if Path(old).exists() and copied_from(path, lib.root) is None:  # there still, and this is not a copy of it
         return None
     rels = [r["hr_path"] for r in rows] + [p for r in rows for p in (r["ref_paths"] or [])]
     return old if rels and all((p := _safe(lib.root, rel)) is not None and p.is_file() for rel in rels) else None

@@ -8,24 +8,17 @@ backbone is built or run, so the command line can list the names without it.
 """
 from __future__ import annotations
 
-import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
 from refbuild.errors import RefbuildError
-from refbuild.io import sha256_file
+from refbuild.nets.vggface import (  # noqa: F401  (the VGGFace network; its names stay importable from here)
+    DAG_CONVS, VGG16_CFG, VGGFACE_MEAN_RGB, VGGFACE_SIZE, load_vggface_state, vgg16_channels, vgg16_features)
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-# VGG-16 "D" configuration; "M" is a 2x2 max-pool.
-VGG16_CFG = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
-# Names the published MatConvNet->PyTorch conversion (vgg_face_dag.pth) uses, in module order.
-DAG_CONVS = ["conv1_1", "conv1_2", "conv2_1", "conv2_2", "conv3_1", "conv3_2", "conv3_3",
-             "conv4_1", "conv4_2", "conv4_3", "conv5_1", "conv5_2", "conv5_3"]
-VGGFACE_MEAN_RGB = (129.186279296875, 104.76238250732422, 93.59396362304688)  # on 0-255 pixels
-VGGFACE_SIZE = 224
 # The paper's layers l = 5, 17, 29: 0-based indices into the VGG-16 `features`
 # sequence, output taken after that module: conv2_1, conv4_1, relu5_3 (docs/DESIGN.md).
 PAPER_LAYERS = (5, 17, 29)
@@ -34,70 +27,6 @@ LAYER_NAMES = {i: n for i, n in enumerate(
      "conv3_1", "relu3_1", "conv3_2", "relu3_2", "conv3_3", "relu3_3", "pool3", "conv4_1", "relu4_1", "conv4_2",
      "relu4_2", "conv4_3", "relu4_3", "pool4", "conv5_1", "relu5_1", "conv5_2", "relu5_2", "conv5_3", "relu5_3",
      "pool5"])}
-
-
-def vgg16_features() -> nn.Sequential:
-    from torch import nn
-
-    layers: list[nn.Module] = []
-    c_in = 3
-    for v in VGG16_CFG:
-        if v == "M":
-            layers.append(nn.MaxPool2d(2, 2))
-        else:
-            layers += [nn.Conv2d(c_in, v, 3, padding=1), nn.ReLU(inplace=False)]  # not inplace: we tap conv outputs
-            c_in = v
-    return nn.Sequential(*layers)
-
-
-def vgg16_channels(index: int) -> int:
-    """Channels of the map after module `index` of `vgg16_features()`, without building it."""
-    c, i = 3, -1
-    for v in VGG16_CFG:
-        i += 1 if v == "M" else 2  # a pool; or a conv and its ReLU
-        c = c if v == "M" else v
-        if i >= index:
-            return c
-    raise ValueError(f"VGG-16 has no feature index {index}")
-
-
-def load_vggface_state(path: Path, expected_sha256: str | None = None,
-                       mmap: bool = False) -> tuple[dict[str, torch.Tensor], str]:
-    """Read vgg_face_dag.pth and map its conv weights onto `vgg16_features()` keys.
-
-    Returns (state_dict, sha256 of the file). Loads with weights_only=True: a
-    checkpoint never runs code. The file is hashed streaming (it is ~580 MB); mmap=True
-    memory-maps the tensors of a zip-format file instead of reading them (to check the
-    keys only; the old, non-zip torch format is read whole either way).
-    """
-    if not path.is_file():
-        raise RefbuildError(
-            f"{path}: VGGFace weights not found; download vgg_face_dag.pth (the MatConvNet conversion "
-            "published with the VGG-Face model) and pass --weights PATH, or use --backbone pixels"
-        )
-    import torch
-    from torch import nn
-
-    sha = sha256_file(path)
-    if expected_sha256 and sha != expected_sha256.lower():
-        raise RefbuildError(f"{path}: sha256 {sha} does not match --weights-sha256 {expected_sha256}; re-download it")
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
-    except Exception as e:
-        # torch's own message advises weights_only=False, which would run the file's code: never pass it on
-        raise RefbuildError(f"{path}: not a loadable weights file ({type(e).__name__}); give vgg_face_dag.pth "
-                            "(a plain dict of tensors), or use --backbone pixels") from None
-    if isinstance(raw, dict) and "state_dict" in raw:
-        raw = raw["state_dict"]
-    conv_idx = [i for i, m in enumerate(vgg16_features()) if isinstance(m, nn.Conv2d)]
-    state = {}
-    for name, idx in zip(DAG_CONVS, conv_idx):
-        for part in ("weight", "bias"):
-            key = f"{name}.{part}"
-            if key not in raw:
-                raise RefbuildError(f"{path}: key {key!r} missing; this is not the vgg_face_dag.pth conversion")
-            state[f"{idx}.{part}"] = raw[key]
-    return state, sha
 
 
 HOG_SIZE, HOG_BINS = 64, 9
@@ -298,12 +227,92 @@ class Pixels(Backbone):
             return [x - x.mean(dim=(1, 2, 3), keepdim=True)]
 
 
+DLIB_HEADER = b"\x01\x01\x01\x0dloss_metric_2"  # add_loss_layer version 1, then its loss's name (dlib_serial)
+
+
+@register_backbone
+class DlibFace(Backbone):
+    """dlib's face-recognition ResNet (`refbuild.nets.dlib_resnet`) on each crop's 150x150 chip, cut
+    through the fixed aligned-crop template (`refbuild.nets.chips.chips_from_aligned`): an early and a
+    middle stage map and the 128-D identity descriptor (a 1x1 map), the last slice."""
+
+    name = "dlib"
+    help = "dlib's face recogniser, offline; the last slice is its 128-D identity embedding"
+    default_grid = 1  # the last slice is then the 128-D descriptor itself (grid 2 repeats it 4 times)
+    needs_model = True
+    TAPS = ("stage1", "stage3", "embedding")  # 32 ch 35x35 (7 convs), 128 ch 8x8 (21 convs), 128-D (29 convs)
+
+    def __init__(self, weights: str | None = None, weights_sha256: str | None = None,
+                 layers: tuple[int, ...] = PAPER_LAYERS):
+        super().__init__()
+        from refbuild.io import sha256_file
+        from refbuild.nets.dlib_resnet import recogniser_weights_path
+
+        self.layer_names, self.channels = list(self.TAPS), [32, 128, 128]
+        self.weights, self.module = weights, None
+        if weights == "random":
+            self.weights_id = "random-seed0"
+            self.note = "RANDOM WEIGHTS, NOT dlib's recogniser: for tests only; these features do not measure identity"
+            return
+        self.path = Path(weights) if weights else recogniser_weights_path()  # raises with the pip command
+        try:
+            with open(self.path, "rb") as f:
+                head = f.read(len(DLIB_HEADER))
+        except OSError as e:
+            raise RefbuildError(f"{self.path}: dlib recogniser weights unreadable ({e.strerror}); omit --weights "
+                                "to use the installed face_recognition_models package") from None
+        if head != DLIB_HEADER:  # e.g. MSRFACE_VGGFACE_WEIGHTS, exported for vggface, reaching --weights
+            raise RefbuildError(f"{self.path}: not dlib's face recogniser (.dat); omit --weights and unset "
+                                "MSRFACE_VGGFACE_WEIGHTS to use the installed face_recognition_models package")
+        self.weights_id = sha256_file(self.path)
+        if weights_sha256 and self.weights_id != weights_sha256.lower():
+            raise RefbuildError(f"{self.path}: sha256 {self.weights_id} does not match --weights-sha256 {weights_sha256}")
+        self.note = (f"dlib face recogniser ({self.path.name} sha256 {self.weights_id[:12]}); chips through the "
+                     "aligned-crop template; layers stage1, stage3, 128-D embedding")
+
+    def load(self) -> "DlibFace":
+        import torch
+
+        from refbuild.nets.dlib_resnet import DlibFaceNet, load_recogniser
+
+        if self.module is None:
+            if self.weights == "random":
+                with torch.random.fork_rng(devices=[]):  # seeded weights, the caller's RNG untouched
+                    torch.manual_seed(0)
+                    self.module = DlibFaceNet().requires_grad_(False).eval()
+            else:
+                self.module = load_recogniser("cpu", self.path)
+        return self
+
+    def to(self, device: torch.device) -> "DlibFace":
+        import torch
+
+        if self.module is not None:
+            self.module.to(device, memory_format=torch.channels_last)
+        return self
+
+    def maps(self, batch: torch.Tensor, precision: str = "fp32") -> list[torch.Tensor]:
+        """precision: "fp32", or "bf16" (autocast). B, 3, S, S uint8 aligned crops -> [B, 32, 35, 35;
+        B, 128, 8, 8; B, 128, 1, 1], float32."""
+        import torch
+
+        from refbuild.nets.chips import chips_from_aligned
+
+        self.load()
+        with torch.inference_mode():
+            x = chips_from_aligned(batch.float()).contiguous(memory_format=torch.channels_last)  # B, 3, 150, 150
+            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                feats = self.module.forward_features(x)
+            return [feats["stage1"].float(), feats["stage3"].float(), feats["embedding"].float()[:, :, None, None]]
+
+
 def build_backbone(name: str, weights: str | None = None, weights_sha256: str | None = None,
                    layers: tuple[int, ...] = PAPER_LAYERS, load: bool = True) -> Backbone:
     """The registered backbone `name` (a key of BACKBONES).
 
     Args:
-        weights: for vggface, a path to vgg_face_dag.pth, or "random" (tests only).
+        weights: for vggface, a path to vgg_face_dag.pth, or "random" (tests only); for dlib, None (the
+            installed face_recognition_models' .dat), a path to that .dat, or "random".
         load: False: only describe the features (names, channels, weights_id), build no network.
     """
     if name not in BACKBONES:

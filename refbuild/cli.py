@@ -23,6 +23,7 @@ from refbuild.progress import console
 from refbuild.runners import Engine as EngineName
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode=None,  # plain --help: option names are never cut, at any width
                   help="Build a reference library for MSRNet: detect -> embed -> split -> pair, then query and audit.")
 
 Lib = Annotated[Path, typer.Argument(help="Library folder (written by `refbuild detect --out`).")]
@@ -34,7 +35,7 @@ Workers = Annotated[int, typer.Option(
     help="Worker processes (local engine) or actors (ray engine); 0: one per CPU core (one on GPU). "
          "Outputs do not depend on it.")]
 Engine = Annotated[EngineName, typer.Option(
-    help="local (processes on this machine) or ray (Ray Data; pip install 'msrface\\[ray]').")]
+    help="local (processes on this machine) or ray (Ray Data; pip install 'msrface[ray]').")]
 
 
 # Choices: typer checks them and shows them in --help; each command passes `.value` on, so the
@@ -83,6 +84,7 @@ def _main(
 
 
 command = one_line_errors(console)  # under every @app.command(): errors in one line, handled once
+reading = one_line_errors(console, "interrupted (nothing was written)")  # the same, for the commands that only read
 
 
 @app.command()
@@ -100,7 +102,9 @@ def detect(
         help="Images are already-aligned faces (CelebA-HQ, FFHQ): no detection.")] = False,
     all_faces: Annotated[bool, typer.Option(help="Keep every face, not only the most confident one.")] = False,
     margin: Annotated[float, typer.Option(
-        help="Border added around the squared box, as a fraction of its side.")] = 0.0,
+        help="Border added around the squared box, as a fraction of its side. 0: the box itself, the paper's "
+             "framing; 0.52 frames faces as the shipped model's aligned training crops (what `model infer "
+             "--detect` uses), so a library for that model takes --margin 0.52.")] = 0.0,
     crop_size: Annotated[int, typer.Option(help="Side of the saved crops (paper: 256).")] = 256,
     crop_format: Annotated[CropFormat, typer.Option(help="png (lossless) or jpg.")] = CropFormat.png,
     min_face: Annotated[int, typer.Option(help="Reject faces whose box is shorter than this (source pixels).")] = 40,
@@ -207,11 +211,16 @@ def pair(
              "pairs.parquet and pair.config.json; LIB's own pairing stays.")] = None,
     query_view: Annotated[QueryView, typer.Option(
         help="hr (paper) or lr (match on the query's own degraded view).")] = QueryView.hr,
-    pool: Annotated[RefPool, typer.Option(
-        help="train (leak-free, default) or all (the paper's whole library).")] = RefPool.train,
+    pool: Annotated[Optional[RefPool], typer.Option(
+        help="train (leak-free, default) or all (the paper's whole library).")] = None,
     layer_weights: Annotated[Optional[str], typer.Option(help="One weight per layer for Eq. 2, e.g. 1,1,1.")] = None,
     name: Annotated[Optional[str], typer.Option(
-        help="Manifest name (default: the library folder's name; with --queries, the query library's).")] = None,
+        help="Manifest name (default: the library folder's name; with --queries, the query library's; with "
+             "--same-person, <library>_same_person).")] = None,
+    same_person: Annotated[bool, typer.Option(
+        "--same-person", help="EXPERIMENT (a positive control, never for deployment): references are the nearest "
+                              "other photos of the query's OWN identity, from its own split (test queries: test "
+                              "photos); named so in the manifests and their metadata. Takes no --pool.")] = False,
     manifest_dir: Annotated[Optional[Path], typer.Option(
         help="Where <name>/{train,val,test}.parquet go (default: LIB/manifests).")] = None,
     pool_chunk: Annotated[int, typer.Option(
@@ -232,11 +241,16 @@ def pair(
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
-    """Top-m non-identity references by summed per-layer L1 (exact search by default), and training manifests."""
+    """Top-m non-identity references by summed per-layer L1 (exact search by default), and training manifests
+    (--same-person, an experiment: other photos of the query's own identity instead)."""
     from refbuild.pair import PairConfig, run
 
     _check_engine(engine, workers)
-    run(PairConfig(lib=lib, m=m, queries=queries, query_view=query_view.value, pool=pool.value,
+    if same_person and pool is not None:
+        raise typer.BadParameter("--same-person draws references from the query's own split (its identity lives in "
+                                 "no other); drop --pool", param_hint="--pool")
+    run(PairConfig(lib=lib, m=m, queries=queries, query_view=query_view.value,
+                   pool=(pool or RefPool.train).value, same_person=same_person,
                    layer_weights=_floats(layer_weights, None, "--layer-weights"), name=name,
                    manifest_dir=manifest_dir, pool_chunk=pool_chunk, index=index.value, nlist=nlist, nprobe=nprobe,
                    query_chunk=query_chunk, device=device, workers=workers, engine=engine.value,
@@ -244,7 +258,7 @@ def pair(
 
 
 @app.command()
-@command
+@reading
 def query(
     lib: Lib,
     sql: Annotated[str, typer.Argument(
@@ -298,7 +312,7 @@ def _cell(v) -> str:
 
 
 @app.command()
-@command
+@reading
 def audit(
     lib: Lib,
     hashes: Annotated[bool, typer.Option(help="Re-hash source images against faces.src_sha256.")] = True,
@@ -316,7 +330,8 @@ def audit(
     checks = run(AuditConfig(lib=lib, hashes=hashes, manifests=tuple(manifest) if manifest else None))
     bad = [c for c in checks if c.violations]
     if not quiet:
-        t = Table("check", "checked", "violations", title=escape(f"refbuild audit {lib}"), title_justify="left")
+        console.print(escape(f"refbuild audit {lib}"), style="italic", highlight=False, soft_wrap=True)  # a path: never cut
+        t = Table("check", "checked", "violations")
         for c in checks:
             t.add_row(escape(c.name), f"{c.checked:,}",
                       f"[red]{len(c.violations)}[/]" if c.violations else "[green]0[/]")

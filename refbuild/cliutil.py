@@ -55,9 +55,16 @@ def fail(console: Console, e: Exception) -> NoReturn:
     raise typer.Exit(1) from None
 
 
-def one_line_errors(console: Console) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+INTERRUPTED = "interrupted; rerun the same command to resume"
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
+
+
+def one_line_errors(console: Console, interrupted: str | Callable[..., str] = INTERRUPTED
+                    ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorate a command: any MsrfaceError it raises (refbuild's, model's, a manifest's) becomes
-    one line on `console` and exit 1, in this one place for every command of both CLIs."""
+    one line on `console` and exit 1, in this one place for every command of both CLIs. A Ctrl-C
+    becomes one line too, `interrupted` (or what it returns, given the command's arguments), and
+    exit 130: every stage resumes, so the line says how."""
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(fn)  # typer reads the wrapped signature and annotations
         def command(*args: Any, **kwargs: Any) -> Any:
@@ -65,6 +72,10 @@ def one_line_errors(console: Console) -> Callable[[Callable[..., Any]], Callable
                 return fn(*args, **kwargs)
             except MsrfaceError as e:
                 fail(console, e)
+            except KeyboardInterrupt:
+                line = interrupted(**kwargs) if callable(interrupted) else interrupted
+                console.print(f"[bold yellow]{escape(line)}[/]", highlight=False, soft_wrap=True)
+                raise typer.Exit(EXIT_INTERRUPTED) from None
         return command
     return decorate
 

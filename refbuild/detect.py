@@ -25,12 +25,11 @@ from refbuild.errors import RefbuildError
 from refbuild.images import BadImage, Decoded, list_images, read_and_decode
 from refbuild.io import (config_dict, library_lock, outputs_together, resolved_config, sha256_file, write_bytes,
                          write_json, write_table)
-from refbuild.labels import identity_of, read_labels
+from refbuild.labels import IdentityFrom, identity_of, read_labels
 from refbuild.library import Library
-from refbuild.progress import bar, summary
+from refbuild.progress import bar, summary, warn
 from refbuild.runners import Runner, make_runner, resolve_workers
 
-IdentityFrom = Literal["csv", "folder", "none"]
 RUNTIME_FIELDS = ("device", "batch_size", "quiet", "overwrite", "workers", "engine")
 
 
@@ -166,9 +165,12 @@ def process_shard(rels: list[str], cfg: DetectConfig, labels: dict[str, str], de
             write_bytes(lib.root / crop_rel, data)
             faces.append({
                 **base, "face_id": fid, "face_index": k, "n_faces": n_faces,
+                # a photo's label names one person: the most confident face; the others (--all-faces) are bystanders
+                "identity": base["identity"] if k == 0 else None,
                 "box": [float(v) for v in box], "prob": prob,
                 "landmarks": None if lm is None else [float(v) for v in np.concatenate([lm[:, 0], lm[:, 1]])],
                 "crop_path": crop_rel, "crop_sha256": hashlib.sha256(data).hexdigest(),
+                "src_side": sq[2] - sq[0],  # < crop_size: the crop was enlarged, a soft HR target
             })
     return (pa.Table.from_pylist(faces, schema=FACES), pa.Table.from_pylist(rejects, schema=REJECTS))
 
@@ -213,8 +215,10 @@ def _stat(path: Path) -> list[int] | None:
 
 
 def shard_key(rels: list[str], labels: dict[str, str], cfg: DetectConfig) -> str:
-    """What a shard's result depends on besides the settings and the bytes: its photos and their labels."""
-    return hashlib.sha256(json.dumps([[r, identity_of(r, labels, cfg)] for r in rels]).encode()).hexdigest()
+    """What a shard's result depends on besides the settings and the bytes: its photos and their labels
+    (with --all-faces, labelled on the most confident face only: shards that labelled every face are redone)."""
+    key = [[r, identity_of(r, labels, cfg)] for r in rels] + (["label: most confident face"] if cfg.all_faces else [])
+    return hashlib.sha256(json.dumps(key).encode()).hexdigest()
 
 
 def shard_is_current(wdir: Path, index: int, rels: list[str], labels: dict[str, str], cfg: DetectConfig) -> bool:
@@ -319,6 +323,11 @@ def run(cfg: DetectConfig, runner: Runner | None = None) -> dict:
                 shutil.rmtree(old)
     reasons = Counter(rejects.column("reason").to_pylist())
     processed = sum(len(parts[i]) for i in todo)
+    rows = faces.select(["src_path", "face_index", "identity", "src_side"]).to_pylist()
+    labelled = {r["src_path"] for r in rows if r["face_index"] == 0 and r["identity"] is not None}
+    bystanders = sum(r["face_index"] > 0 and r["src_path"] in labelled for r in rows)
+    sides = [r["src_side"] for r in rows if r["src_side"] is not None]
+    enlarged = [s for s in sides if s < cfg.crop_size]
     stats = {
         "images": len(rels),
         "images_with_faces": len(set(faces.column("src_path").to_pylist())),
@@ -326,9 +335,20 @@ def run(cfg: DetectConfig, runner: Runner | None = None) -> dict:
         "identities": len(set(x for x in faces.column("identity").to_pylist() if x is not None)),
         "rejects": rejects.num_rows,
         **{f"rejects:{k}": v for k, v in sorted(reasons.items())},
+        **({"faces left unlabelled (not the photo's most confident)": bystanders} if cfg.all_faces else {}),
+        "faces enlarged (source square < crop size)": len(enlarged) if len(sides) == len(rows) else
+        f"{len(enlarged)} of {len(sides)} known",
         "processed_now": processed,
         "seconds": round(elapsed, 1),
         "images_per_s": round(processed / elapsed, 2) if processed and elapsed > 0 else None,
     }
     summary(f"refbuild detect -> {lib.root}", list(stats.items()), cfg.quiet)
+    if bystanders:
+        warn(f"{bystanders} face(s) of labelled photos were left unlabelled: a photo's label names one person, "
+             "given to its most confident face (--all-faces keeps the others, without identity)", "note")
+    if enlarged:
+        warn(f"{len(enlarged)} of {len(rows)} faces were cut from squares smaller than --crop-size {cfg.crop_size} "
+             f"(smallest {min(enlarged)} px) and enlarged: soft HR targets. `model train`/`model eval` refuse HR "
+             "targets enlarged to the model's output size unless --allow-enlarged; `refbuild query "
+             f"{lib.root} \"SELECT face_id, src_side FROM faces WHERE src_side < {cfg.crop_size}\"` lists them")
     return stats

@@ -3,7 +3,7 @@
 facenet-pytorch's `MTCNN.detect` needs one image size per batch, raises on a
 batch where some image has no face, and can attach probabilities/landmarks to
 the wrong box. We run its lower-level cascade (`detect_face`) instead, as
-re-implemented in refbuild/mtcnn.py: same weights and arithmetic, bit-identical
+re-implemented in refbuild/nets/mtcnn.py: same weights and arithmetic, bit-identical
 boxes, without its slow NCHW ceil-mode max-pool and without importing
 facenet-pytorch/torchvision (see that module's docstring). Each image is
 shrunk so its long side is at most `detect_size`; images that share a size (and
@@ -58,6 +58,10 @@ class Detector:
         thresholds: MTCNN's three stage thresholds.
         factor: pyramid scale step.
         letterbox: pad images to shared canvases (None: on CUDA only).
+        enlarge_to: None (default): never enlarge. Else images are enlarged (bicubic) so a
+            `min_face` face spans this many detection pixels, the long side still at most
+            `detect_size`: MTCNN's first stage sees faces from 12 px, but finds those under
+            ~20 px far less often (`model infer --detect` sets this to find 12-16 px faces).
     """
 
     def __init__(
@@ -69,8 +73,9 @@ class Detector:
         thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7),
         factor: float = 0.709,
         letterbox: bool | None = None,
+        enlarge_to: int | None = None,
     ):
-        from refbuild.mtcnn import load_nets  # facenet-pytorch's weights, without importing it (torchvision: ~2 s)
+        from refbuild.nets.mtcnn import load_nets  # facenet-pytorch's weights, without importing it (torchvision: ~2 s)
 
         self.device = torch.device(resolve_device(device))
         self.pnet, self.rnet, self.onet = load_nets(self.device)
@@ -80,15 +85,17 @@ class Detector:
         self.thresholds = list(thresholds)
         self.factor = factor
         self.letterbox = self.device.type == "cuda" if letterbox is None else letterbox
+        self.enlarge_to = enlarge_to
 
     def _scale(self, size: tuple[int, int]) -> float:
-        return min(1.0, self.detect_size / max(size))
+        up = max(1.0, self.enlarge_to / self.min_face) if self.enlarge_to else 1.0
+        return min(up, self.detect_size / max(size))
 
     def _minsize(self, size: tuple[int, int]) -> int:
         return max(self.min_face_det, int(self.min_face * self._scale(size)) // 4 * 4)
 
     def _run(self, canvases: np.ndarray, minsize: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        from refbuild.mtcnn import detect_faces
+        from refbuild.nets.mtcnn import detect_faces
 
         return detect_faces(torch.from_numpy(canvases).to(self.device), minsize, (self.pnet, self.rnet, self.onet),
                             tuple(self.thresholds), self.factor)
@@ -102,7 +109,8 @@ class Detector:
         for i, img in enumerate(images):
             s = self._scale(img.size)
             w, h = max(1, round(img.width * s)), max(1, round(img.height * s))
-            arr = np.asarray(img.resize((w, h), Image.BILINEAR) if s < 1 else img, dtype=np.uint8)
+            resized = img if s == 1 else img.resize((w, h), Image.BILINEAR if s < 1 else Image.BICUBIC)  # enlarged: bicubic
+            arr = np.asarray(resized, dtype=np.uint8)
             small.append(arr)
             if min(h, w) < self._minsize(img.size):  # no face of minsize fits (MTCNN would fail on an empty pyramid)
                 continue  # stays Faces.empty()

@@ -75,6 +75,7 @@ def _atomic_path(target: Path) -> Iterator[Path]:
         finally:
             os.close(fd)
         yield tmp_path
+        os.chmod(tmp_path, 0o666 & ~_UMASK)  # again: a writer that makes its own file (safetensors) leaves it 0600
         with open(tmp_path, "rb") as f:
             os.fsync(f.fileno())
         pending = getattr(_together, "pending", None)

@@ -9,12 +9,20 @@ import csv
 import io
 import unicodedata
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Literal, Protocol
 
 from refbuild.errors import RefbuildError
 
-if TYPE_CHECKING:
-    from refbuild.detect import DetectConfig
+IdentityFrom = Literal["csv", "folder", "none"]
+
+
+class LabelSource(Protocol):
+    """Where identities come from: what `read_labels` and `identity_of` read of a stage's config
+    (`refbuild.detect.DetectConfig` is one). Here, below detect, so neither module needs the other."""
+
+    labels: Path | None  # CSV with a `path` column (relative to SRC) and an identity column
+    identity_column: str
+    identity_from: IdentityFrom
 
 
 def clean_identity(name: str | None) -> str | None:
@@ -33,7 +41,7 @@ def _text(path: Path) -> str:
         raise RefbuildError(f"{path}: not UTF-8 at line {line}; re-save it as UTF-8") from None
 
 
-def read_labels(cfg: DetectConfig) -> dict[str, str]:
+def read_labels(cfg: LabelSource) -> dict[str, str]:
     """labels CSV -> {path relative to SRC: identity}; a RefbuildError naming the line for a bad row."""
     if cfg.labels is None:
         return {}
@@ -67,7 +75,7 @@ def read_labels(cfg: DetectConfig) -> dict[str, str]:
     return labels
 
 
-def identity_of(rel: str, labels: dict[str, str], cfg: DetectConfig) -> str | None:
+def identity_of(rel: str, labels: dict[str, str], cfg: LabelSource) -> str | None:
     if cfg.identity_from == "csv":
         return labels.get(rel) or None
     if cfg.identity_from == "folder":  # the photo's own folder; one directly in SRC has none

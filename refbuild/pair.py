@@ -15,12 +15,15 @@ from one photo. So we search k = m + 2 x the largest excluded set any query can
 have (group, identity, sha256 or photo) + 8, filter, and search again with the
 index's largest k for the rare query left short. This is also what works on GPU,
 where FAISS ignores IDSelector.
+
+`--same-person` (an experiment, `refbuild.same_person`) inverts the identity rule: the
+references are the nearest other photos of the query's own identity, a positive control.
 """
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable, Literal
 
@@ -36,7 +39,8 @@ from refbuild.io import library_lock, outputs_together, remove_orphan_temps, res
 from refbuild.library import Library
 from refbuild.progress import bar, summary
 from refbuild.runners import make_runner
-from refbuild.stale import fingerprints, stamp
+from refbuild import same_person as sp
+from refbuild.stale import copied_from, fingerprints, stamp
 
 DUP_EPS = 1e-4  # distances below this (per dimension, mean) count as the same photo
 
@@ -47,7 +51,8 @@ class PairConfig:
     m: int = 4
     queries: Path | None = None  # another library whose faces are paired against this one
     query_view: Literal["hr", "lr"] = "hr"
-    pool: Literal["train", "all"] = "train"  # train: leak-free; all: the paper's whole library
+    pool: Literal["train", "all", "own_split"] = "train"  # train: leak-free; all: the paper's whole library
+    # (own_split: what --same-person uses, set by `run`)
     layer_weights: tuple[float, ...] | None = None  # one per layer; default all 1
     name: str | None = None  # manifest name; default: the library's folder name (with --queries: the query library's)
     manifest_dir: Path | None = None  # default: LIB/manifests, so manifests belong to their library
@@ -60,6 +65,7 @@ class PairConfig:
     device: str = "auto"
     engine: str = "local"  # local: this process; ray: query chunks as tasks over actors that each hold the pool
     workers: int = 0  # ray actors (0: one)
+    same_person: bool = False  # experiment: other photos of the query's own identity (refbuild.same_person)
     quiet: bool = False
     overwrite: bool = False
 
@@ -174,6 +180,7 @@ class PairJob:
     k0: int
     cross: bool
     wdir: Path
+    people: dict | None = None  # --same-person: pool positions per (identity, split)
 
 
 class PairSearch:
@@ -182,14 +189,15 @@ class PairSearch:
 
     def __init__(self, job: PairJob):
         self.job, cfg = job, job.cfg
-        self.index = IVFL1Index(job.pool_mat, cfg.nlist, cfg.nprobe) if cfg.index == "ivf" else \
-            L1Index(job.pool_mat, cfg.device, cfg.pool_chunk)
+        self.index = None if cfg.same_person else IVFL1Index(job.pool_mat, cfg.nlist, cfg.nprobe) \
+            if cfg.index == "ivf" else L1Index(job.pool_mat, cfg.device, cfg.pool_chunk)
 
     def __call__(self, task: tuple[int, list[int]]) -> int:
         s, qi = task
         j = self.job
         q = np.ascontiguousarray(j.query.feats[qi] * j.w)
-        rows = search_chunk(self.index, q, qi, j.query, j.pool, j.pool_rows, j.cfg.m, j.k0, j.cross)
+        rows = sp.search_chunk(j.pool_mat, q, qi, j.query, j.pool_rows, j.people, j.cfg.m, DUP_EPS * q.shape[1]) \
+            if j.cfg.same_person else search_chunk(self.index, q, qi, j.query, j.pool, j.pool_rows, j.cfg.m, j.k0, j.cross)
         write_table(shards.shard_file(j.wdir, s, "pairs"), pa.Table.from_pylist(rows, schema=PAIRS), "pairs")
         shards.mark_done(j.wdir, s)
         return len(qi)
@@ -213,12 +221,14 @@ def measure_recall(pairs: pa.Table, q_rows: list[int], query: Side, pool: Side, 
 
 def manifest_folder(cfg: PairConfig, cross: bool) -> Path:
     """Where this pairing's manifests go: MANIFEST_DIR/<name>/, by default LIB/manifests/<name>/."""
-    name = cfg.name or (cfg.queries if cross else cfg.lib).resolve().name
+    name = cfg.name or (cfg.queries if cross else cfg.lib).resolve().name + (f"_{sp.TAG}" if cfg.same_person else "")
     return (cfg.manifest_dir if cfg.manifest_dir is not None else cfg.lib / "manifests") / name
 
 
-def check_owner(out_dir: Path, hr_root: str, ref_root: str) -> None:
-    """Refuse to overwrite manifests that another library (or another query library) made."""
+def check_owner(out_dir: Path, hr_root: str, ref_root: str, pairing: str = "") -> None:
+    """Refuse to overwrite manifests that another library (or another query library) made, or another kind
+    of pairing (`pairing`: "" or same_person's); those of the library this one is a copy of
+    (`refbuild.stale.copied_from`) are remade here."""
     for split in ("train", "val", "test"):
         p = out_dir / f"{split}.parquet"
         if not p.is_file():
@@ -227,14 +237,18 @@ def check_owner(out_dir: Path, hr_root: str, ref_root: str) -> None:
             meta = metadata(p)
         except Exception:  # unreadable: ours to replace
             continue
-        if (meta.get("hr_root"), meta.get("ref_root")) != (hr_root, ref_root):
+        if (meta.get("hr_root"), meta.get("ref_root")) != (hr_root, ref_root) and not copied_from(p, Path(ref_root)):
             raise RefbuildError(f"{p}: made from library {meta.get('ref_root')} (queries from {meta.get('hr_root')}), "
                                 f"not {ref_root} (queries from {hr_root}); pick another --name or --manifest-dir")
+        if meta.get("pairing", "") != pairing:
+            raise RefbuildError(f"{p}: made by a {meta.get('pairing') or 'normal'} pairing, not "
+                                f"{pairing or 'a normal one'}; pick another --name or --manifest-dir")
 
 
 def pair_command(cfg: PairConfig, cross: bool, manifest_dir: bool) -> str:
     """The command that remakes this pairing (`{lib}`: the library's folder, see refbuild.stale)."""
-    cmd = f"refbuild pair {{lib}} -m {cfg.m} --pool {cfg.pool} --query-view {cfg.query_view}"
+    cmd = f"refbuild pair {{lib}} -m {cfg.m}" + (" --same-person" if cfg.same_person else f" --pool {cfg.pool}") \
+        + f" --query-view {cfg.query_view}"
     if cross:
         cmd += f" --queries {cfg.queries.resolve()}"
     if cfg.layer_weights:
@@ -274,7 +288,10 @@ def run(cfg: PairConfig) -> dict:
         raise RefbuildError(f"-m {cfg.m}: need 1 to 64 references per query")
     lib = Library(cfg.lib)
     cross = cfg.queries is not None and cfg.queries.resolve() != cfg.lib.resolve()
-    pool_side = load_side(lib, "hr", need_splits=cfg.pool == "train")
+    if cfg.same_person:
+        sp.check_config(cfg, cross)
+        cfg = replace(cfg, pool=sp.POOL)
+    pool_side = load_side(lib, "hr", need_splits=cfg.pool == "train" or cfg.same_person)
     query = load_side(Library(cfg.queries), cfg.query_view, need_splits=False) if cross else (
         load_side(lib, cfg.query_view, need_splits=True) if cfg.query_view != "hr" else pool_side)
     for key in ("backbone", "weights_id", "slices", "grid", "layer_norm"):
@@ -285,7 +302,8 @@ def run(cfg: PairConfig) -> dict:
         pool_side.photo, query.photo = library_photo_keys([(lib, pool_side.crop), (query.lib, query.crop)])
     else:
         pool_side.photo = query.photo = library_photo_keys([(lib, pool_side.crop)])[0]
-    pool_rows = np.array([i for i, s in enumerate(pool_side.split) if cfg.pool == "all" or s == "train"], dtype=np.int64)
+    pool_rows = sp.pool_rows(pool_side.identity, pool_side.split) if cfg.same_person else \
+        np.array([i for i, s in enumerate(pool_side.split) if cfg.pool == "all" or s == "train"], dtype=np.int64)
     q_rows = [i for i, s in enumerate(query.split) if s != "unused"]
     if len(pool_rows) == 0:
         raise RefbuildError(f"{lib.root}: the reference pool ({cfg.pool}) is empty; run `refbuild split` with a train share")
@@ -303,13 +321,16 @@ def run(cfg: PairConfig) -> dict:
     inputs = fingerprints(lib.root, [lib.faces, lib.features("hr"), lib.splits] + ([] if cross else [lib.features(cfg.query_view)]))
     query_inputs = fingerprints(query.lib.root, [query.lib.faces, query.lib.features(cfg.query_view)], absolute=True) if cross else {}
     out_dir = manifest_folder(cfg, cross)
-    check_owner(out_dir, str(query.lib.root.resolve()), str(lib.root.resolve()))
-    # a cross-library pairing is its own output, beside its manifests: LIB's own pairs.parquet stays
-    pairs_path = out_dir / "pairs.parquet" if cross else lib.pairs
-    config_path = out_dir / "pair.config.json" if cross else lib.config("pair")
+    pairing = sp.PAIRING if cfg.same_person else ""
+    check_owner(out_dir, str(query.lib.root.resolve()), str(lib.root.resolve()), pairing)
+    # a cross-library or same-person pairing is its own output, beside its manifests: LIB's own pairs.parquet stays
+    apart = cross or cfg.same_person
+    pairs_path = out_dir / "pairs.parquet" if apart else lib.pairs
+    config_path = out_dir / "pair.config.json" if apart else lib.config("pair")
     t0 = time.perf_counter()
     with library_lock(lib.root, "pair"):
-        wdir = shards.work_dir(lib.root, f"pair-cross-{out_dir.name}" if cross else "pair")
+        wdir = shards.work_dir(lib.root, f"pair-cross-{out_dir.name}" if cross else
+                               f"pair-{sp.TAG}-{out_dir.name}" if cfg.same_person else "pair")
         shards.prepare(wdir, settings, cfg.overwrite, inputs=inputs | query_inputs)
         if cfg.index == "ivf" and cfg.device == "cuda":
             raise RefbuildError("--index ivf runs on CPU (FAISS has no IVF with L1 on GPU); drop --device cuda "
@@ -317,7 +338,8 @@ def run(cfg: PairConfig) -> dict:
         gpu = cfg.index == "exact" and gpu_wanted(cfg.device)
         parts = shards.chunks(len(q_rows), cfg.query_chunk)
         tasks = [(s, [q_rows[j] for j in r]) for s, r in enumerate(parts) if not shards.is_done(wdir, s)]
-        job = PairJob(query, pool_side, pool_rows, pool_mat, w, cfg, k0, cross, wdir)
+        job = PairJob(query, pool_side, pool_rows, pool_mat, w, cfg, k0, cross, wdir,
+                      sp.by_person(pool_side.identity, pool_side.split, pool_rows) if cfg.same_person else None)
         if not tasks:
             counts: Iterable[int] = ()
         elif cfg.engine == "local":  # in this process, the search kernel on every core
@@ -337,6 +359,9 @@ def run(cfg: PairConfig) -> dict:
             recall = measure_recall(pairs, q_rows, query, pool_side, pool_rows, pool_mat, w, cfg, k0, cross)
         meta = {k: pool_side.meta.get(k, "") for k in ("backbone", "weights_id", "note", "layers", "grid")} | {
             "m": str(cfg.m), "pool": cfg.pool, "query_view": cfg.query_view,
+            **({"pairing": sp.PAIRING} if cfg.same_person else {}),  # named so in every output
+            # the LR view chose the references: the degradation they match (a model of another scale does not)
+            **({"lr_scale": query.meta.get("lr_scale", "")} if cfg.query_view == "lr" else {}),
             "query_library": str(query.lib.root.resolve()) if cross else "self",
             "index": cfg.index} | ({"recall_at_m": json.dumps(recall)} if recall else {}) | stamp(inputs, pair_command(cfg, cross, manifest_dir=False)) | (
             {"query_inputs": json.dumps(query_inputs, sort_keys=True)} if cross else {})
@@ -353,9 +378,16 @@ def run(cfg: PairConfig) -> dict:
     short = int((n_refs < cfg.m).sum())
     if pairs.num_rows and short == pairs.num_rows:
         raise RefbuildError(f"{lib.root}: no query has {cfg.m} valid references in a pool of {len(pool_rows)} faces; "
-                            "lower -m or add faces of more identities")
-    stats = {"queries": pairs.num_rows, "pool_faces": len(pool_rows), "m": cfg.m, "k_searched": k0,
-             "short_of_m (left out of manifests)": short, "index": ("faiss GPU flat L1" if gpu else "exact CPU L1 (refbuild.l1kernel)") + (f", pool chunks of {cfg.pool_chunk}" if cfg.pool_chunk else ""),
+                            + ("lower -m (--same-person: a query needs m other photos of its identity)"
+                               if cfg.same_person else "lower -m or add faces of more identities"))
+    stats = {**({"pairing": f"{sp.PAIRING}: other photos of the query's own identity, from its own split "
+                            "(a positive control, not a deployable pairing)",
+                 "queries without another photo of their identity": int((n_refs == 0).sum())}
+                if cfg.same_person else {}),
+             "queries": pairs.num_rows, "pool_faces": len(pool_rows), "m": cfg.m,
+             **({} if cfg.same_person else {"k_searched": k0}),
+             "short_of_m (left out of manifests)": short, "index": "exact CPU L1 (refbuild.l1kernel) per identity"
+             if cfg.same_person else ("faiss GPU flat L1" if gpu else "exact CPU L1 (refbuild.l1kernel)") + (f", pool chunks of {cfg.pool_chunk}" if cfg.pool_chunk else ""),
              "engine": cfg.engine + (f" ({max(1, cfg.workers)} actors)" if cfg.engine == "ray" else ""),
              **({"recall@m vs exact": f"{recall['recall']:.4f} on {recall['queries']} queries "
                                          f"(nlist {recall['nlist']}, nprobe {recall['nprobe']})"} if recall else {}),
@@ -363,7 +395,8 @@ def run(cfg: PairConfig) -> dict:
              "features": pool_side.meta.get("note", "")}
     for split, path in manifests.items():
         stats[f"manifest {split}"] = f"{path} ({pq_rows(path)} rows)"
-    summary(f"refbuild pair -> {pairs_path}", list(stats.items()), cfg.quiet)
+    summary(f"refbuild pair{' --same-person (experiment)' if cfg.same_person else ''} -> {pairs_path}",
+            list(stats.items()), cfg.quiet)
     return stats
 
 

@@ -41,9 +41,17 @@ def bar(quiet: bool = False) -> Progress:
 def summary(title: str, rows: list[tuple[str, object]], quiet: bool = False) -> None:
     if quiet:
         return
-    t = Table(title=escape(title), show_header=False, title_justify="left")  # paths may hold [ ]
+    # the title holds a path: its own line, soft-wrapped (a table title would break it mid-word); paths may hold [ ]
+    console.print(escape(title), style="italic", highlight=False, soft_wrap=True)
+    t = Table(show_header=False)
     t.add_column(style="bold")
     t.add_column(justify="right", overflow="fold")  # a long path wraps, never cut to "..."
     for k, v in rows:
-        t.add_row(escape(k), f"{v:,}" if isinstance(v, int) else escape(str(v)))
+        t.add_row(escape(k), f"{v:,}" if isinstance(v, int) else "-" if v is None else escape(str(v)))  # None: nothing run
     console.print(t)
+
+
+def warn(line: str, label: str = "warning") -> None:
+    """One yellow `warning:` (or `note:`) line on stderr, printed even with --quiet: something the user
+    should know about the output."""
+    console.print(f"[yellow]{label}:[/] {escape(line)}", highlight=False, soft_wrap=True)

@@ -213,7 +213,7 @@ def _summary_html(lib: Library, faces: list[dict], split_of: dict[str, str], rej
     overview = [("faces", len(faces)), ("identities", len(ids)), ("faces without identity", unlabeled),
                 ("source images rejected", len(rejects)), ("queries with references", n_queries)]
     if pairs_meta:
-        overview += [("features", f"{pairs_meta.get('backbone', '?')} ({pairs_meta.get('weights_id', '?')})"),
+        overview += [("features", pairs_meta.get("note") or pairs_meta.get("backbone", "?")),  # says weights where any
                      ("references per query (m)", pairs_meta.get("m", "?")),
                      ("reference pool / query view", f"{pairs_meta.get('pool', '?')} / {pairs_meta.get('query_view', '?')}")]
     out = [_table(("", ""), overview, "kv")]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pickle
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -57,7 +58,7 @@ def test_a_csv_as_manifest_is_not_told_to_delete_it(tmp_path):
 
 
 def test_bad_weights_never_advise_weights_only_false(tmp_path):
-    from refbuild.backbones import load_vggface_state
+    from refbuild.nets.vggface import load_vggface_state
     from refbuild.errors import RefbuildError
 
     bad = tmp_path / "w.pth"
@@ -75,3 +76,18 @@ def test_embed_without_vggface_weights_names_the_offline_backbone(monkeypatch):
     monkeypatch.delenv("MSRFACE_VGGFACE_WEIGHTS", raising=False)
     with pytest.raises(RefbuildError, match="--backbone pixels"):
         build_backbone("vggface", None, None, tuple(PAPER_LAYERS))
+
+
+@pytest.mark.parametrize("app, prog", [(model_app, "model"), (refbuild_app, "refbuild")])
+def test_help_at_80_columns_shows_every_option_name_whole(app, prog):
+    """`--identity-colu…` no more: each command's --help names every option in full on an 80-column terminal."""
+    import typer.main
+
+    group = typer.main.get_command(app)
+    for name, cmd in group.commands.items():
+        r = CliRunner().invoke(app, [name, "--help"], env={"COLUMNS": "80", "TERMINAL_WIDTH": "80"})
+        assert r.exit_code == 0, r.output
+        assert max(len(line) for line in r.output.splitlines()) <= 80, f"{prog} {name} --help:\n{r.output}"
+        words = set(re.findall(r"--?[\w-]+", r.output))
+        missing = [o for p in cmd.params for o in p.opts + p.secondary_opts if o.startswith("-") and o not in words]
+        assert not missing, f"{prog} {name} --help at 80 columns cuts {missing}:\n{r.output}"

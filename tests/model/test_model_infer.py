@@ -146,8 +146,25 @@ def test_grid_has_lr_bicubic_refs_sr_columns(ckpt, tmp_path):
             "--out", tmp_path / "out")
     grid = tmp_path / "out" / "grid-001.png"
     assert f"grid: {grid}" in r.output
-    assert Image.open(grid).size == (5 * 64, 14 + 3 * 64)  # LR, bicubic, 2 refs, SR; a label row on top
+    assert Image.open(grid).size == (5 * 64, 14 + 3 * (14 + 64))  # LR, bicubic, 2 refs, SR; labels on top, a name per row
     assert json.loads((tmp_path / "out" / "infer.json").read_text())["grids"] == [str(grid)]
+
+
+def test_grid_rows_name_their_input_file(ckpt, tmp_path, monkeypatch):
+    """Each row of a grid says which input it shows (a caption line above it)."""
+    import model.infer
+
+    seen = []
+    real = model.infer.labelled_grid
+    monkeypatch.setattr(model.infer, "labelled_grid", lambda rows, labels, tile, names=None: (
+        seen.append(names), real(rows, labels, tile, names))[1])
+    for k in range(2):
+        _img(tmp_path / "in" / "sub" / f"face{k}.png", (16, 16), k)
+    _ok("infer", "--checkpoint", ckpt, "--lr", tmp_path / "in", "--grid", "--out", tmp_path / "out")
+    assert seen == [["sub/face0.png", "sub/face1.png"]]
+    grid = Image.open(tmp_path / "out" / "grid-001.png").convert("RGB")
+    caption = np.asarray(grid.crop((0, 14, grid.width, 28)))  # the first row's caption line: light, with dark text
+    assert caption.min() < 100 and caption.max() > 200
 
 
 def test_checkpoint_folder_uses_best_else_last(ckpt, tmp_path):
@@ -191,36 +208,191 @@ def test_feather_mask_and_paste_back():
     assert auto_upscale((50, 40), [(10, 5, 30, 25)], 64, 4) == 3 and auto_upscale((5000, 40), [(0, 0, 8, 8)], 64, 8) == 1
 
 
-def test_detect_skips_photos_without_a_face_and_pastes_the_rest(ckpt, tmp_path, monkeypatch):
+def _fake_detector(monkeypatch, faces_by_size: dict, seen: list | None = None):
+    """model.paste.find_faces replaced: photos of a given size hold the given detector boxes (p = 0.99)."""
     import model.paste
+    from model.paste import Found
+    from refbuild.detect import square_box
 
+    def find_faces(photos, margin, device="auto", **kw):
+        if seen is not None:
+            seen.append(kw)
+        return [[Found(square_box(np.array(b, np.float32), margin), tuple(map(float, b)), 0.99)
+                 for b in faces_by_size.get(p.size, [])] for p in photos]
+
+    monkeypatch.setattr(model.paste, "find_faces", find_faces)
+
+
+def _faces_of(out: Path) -> dict:
+    return {Path(i["input"]).name: i for i in json.loads((out / "infer.json").read_text())["inputs"]}
+
+
+def test_detect_skips_photos_without_a_face_and_pastes_the_rest(ckpt, tmp_path, monkeypatch):
     a = _img(tmp_path / "in" / "group.png", (60, 40), 1)
     _img(tmp_path / "in" / "empty.png", (30, 30), 2)
-    monkeypatch.setattr(model.paste, "find_faces", lambda photos, all_faces, margin, device: [
-        [(5, 5, 21, 21), (30, 10, 46, 26)] if p.size == (60, 40) else [] for p in photos])
+    _fake_detector(monkeypatch, {(60, 40): [(8, 8, 18, 18), (33, 13, 43, 23)]})  # 10 px faces: 15 px crops
     r = _ok("infer", "--checkpoint", ckpt, "--lr", tmp_path / "in", "--detect", "--all-faces", "--out", tmp_path / "out")
-    assert "empty.png: no face found, skipped" in r.output and "1 photo(s) without a face skipped" in r.output
+    assert "empty.png: no face found, skipped" in r.output and "1 photo(s) skipped (first: no face found)" in r.output
+    assert "2 face(s) restored, 0 left as they were" in r.output, r.output
     out = tmp_path / "out"
     assert (out / "group_face1_x4.png").is_file() and (out / "group_face2_x4.png").is_file()
-    assert Image.open(out / "group_restored.png").size == (240, 160)  # 16 px faces -> x4 (the model's scale)
-    rec = {Path(i["input"]).name: i for i in json.loads((out / "infer.json").read_text())["inputs"]}
+    assert Image.open(out / "group_restored.png").size == (240, 160)  # 15 px crops -> x4 (the model's scale)
+    rec = _faces_of(out)
     assert rec["empty.png"]["status"] == "skipped" and rec["empty.png"]["reason"] == "no face found"
-    assert [f["box"] for f in rec["group.png"]["faces"]] == [[5, 5, 21, 21], [30, 10, 46, 26]]
+    assert [f["box"] for f in rec["group.png"]["faces"]] == [[5, 5, 20, 20], [30, 10, 45, 25]]
     assert rec["group.png"]["restored"] == str(out / "group_restored.png") and str(a) == rec["group.png"]["input"]
-    assert all(f["pasted"] for f in rec["group.png"]["faces"])
+    assert rec["group.png"]["status"] == "restored"
+    assert all(f["pasted"] and f["decision"] == "restored" and f["agreement_db"] >= 30 for f in rec["group.png"]["faces"])
 
 
-def test_detect_does_not_paste_a_face_larger_than_the_sr(ckpt, tmp_path, monkeypatch):
-    import model.paste
+def test_the_size_rule_restores_small_faces_and_leaves_wider_ones():
+    from model.paste import MAX_FACE, size_rule
+
+    for width in (8, 12, 16, 24, 32, MAX_FACE):
+        assert size_rule(width) is None, width
+    for width in (MAX_FACE + 1, 48, 64, 96, 150):
+        assert size_rule(width) == f"wider than {MAX_FACE:g} px", width
+    assert size_rule(30, max_face=32) is None and size_rule(40, max_face=32) == "wider than 32 px"
+
+
+def test_detect_restores_a_small_face_and_leaves_a_wide_one_in_the_same_photo(ckpt, tmp_path, monkeypatch):
+    photo = _img(tmp_path / "two.png", (200, 120), 1)
+    from model.paste import MAX_FACE
+
+    _fake_detector(monkeypatch, {(200, 120): [(10, 10, 24, 24), (100, 20, 160, 90)]})  # 14 px and 60 px wide
+    r = _ok("infer", "--checkpoint", ckpt, "--lr", photo, "--detect", "--all-faces", "--out", tmp_path / "out")
+    assert f"1 face(s) restored, 1 left as they were (wider than {MAX_FACE} px)" in r.output, r.output
+    small, wide = _faces_of(tmp_path / "out")["two.png"]["faces"]
+    assert small["decision"] == "restored" and small["width"] == 14 and small["pasted"]
+    assert wide["decision"] == "left" and wide["reason"] == f"wider than {MAX_FACE} px" and not wide["pasted"]
+    assert "output" not in wide and not (tmp_path / "out" / "two_face2_x4.png").exists()  # never run through the model
+    restored = np.asarray(Image.open(tmp_path / "out" / "two_restored.png"), dtype=np.float64)
+    up = _faces_of(tmp_path / "out")["two.png"]["upscale"]
+    plain = np.asarray(Image.open(photo).convert("RGB").resize((200 * up, 120 * up), Image.BICUBIC), dtype=np.float64)
+    l, t, r_, b = (v * up for v in wide["box"])
+    assert np.array_equal(restored[t:b, l:r_], plain[t:b, l:r_])  # the wide face: the photo's own bicubic pixels
+
+
+def test_a_restoration_is_never_pasted_over_a_face_with_more_detail():
+    from model.paste import MIN_AGREEMENT, fit_to_face, paste_rule
+
+    rng = np.random.default_rng(0)
+    face = Image.fromarray((rng.random((8, 8, 3)) * 255).astype(np.uint8)).resize((24, 24), Image.BICUBIC)
+    sr = Image.fromarray((rng.random((16, 16, 3)) * 255).astype(np.uint8)).resize((128, 128), Image.BICUBIC)
+    plain, agreement = fit_to_face(sr, face, 96, iters=0)  # a restoration unrelated to the face
+    assert plain.size == (96, 96) and agreement < MIN_AGREEMENT
+    assert paste_rule(96, 24, agreement).startswith("restoration disagrees with the face: ")
+    fitted, agreement = fit_to_face(sr, face, 96)  # back-projected: shrunk back, it is the face
+    assert agreement >= MIN_AGREEMENT and paste_rule(96, 24, agreement) is None
+    assert paste_rule(24, 24, 99.0) == "output no larger than the face: 24 px <= 24 px"
+    assert paste_rule(20, 24, 99.0) is not None
+    assert paste_rule(192, 130, 99.0, sr_side=128) == "restoration no larger than the face: 128 px <= 130 px"
+
+
+def test_nothing_restored_is_said_and_no_restored_photo_is_written(ckpt, tmp_path, monkeypatch):
+    from model.paste import MAX_FACE
 
     photo = _img(tmp_path / "in" / "big.png", (200, 200), 1)
-    monkeypatch.setattr(model.paste, "find_faces", lambda photos, all_faces, margin, device: [[(10, 10, 190, 190)]])
+    small = _img(tmp_path / "in" / "small.png", (60, 40), 2)
+    _fake_detector(monkeypatch, {(200, 200): [(30, 30, 150, 170)], (60, 40): [(8, 8, 18, 18)]})
     r = _ok("infer", "--checkpoint", ckpt, "--lr", photo, "--detect", "--out", tmp_path / "out")
-    assert "larger than the model's 64 px output" in r.output and "not pasted back" in r.output, r.output
-    restored = tmp_path / "out" / "big_restored.png"
-    assert np.array_equal(np.asarray(Image.open(restored)), np.asarray(Image.open(photo).convert("RGB")))
-    rec = json.loads((tmp_path / "out" / "infer.json").read_text())["inputs"][0]
-    assert rec["faces"][0]["pasted"] is False and (tmp_path / "out" / "big_x4.png").is_file()
+    assert (f"0 face(s) restored, 1 left as they were (wider than {MAX_FACE} px); nothing restored in 1 photo(s)"
+            in r.output), r.output
+    assert not list((tmp_path / "out").glob("*.png"))  # no byte-copy of the input under a "restored" name
+    rec = _faces_of(tmp_path / "out")["big.png"]
+    assert rec["status"] == "nothing_restored" and "restored" not in rec
+    assert rec["reason"] == f"nothing restored: 1 face(s) left as they were (wider than {MAX_FACE} px)"
+    assert rec["faces"][0]["decision"] == "left" and rec["faces"][0]["pasted"] is False
+    r = _ok("infer", "--checkpoint", ckpt, "--lr", small, "--detect", "--upscale", "1", "--out", tmp_path / "o2")
+    assert "0 face(s) restored, 1 left as they were (output no larger than the face)" in r.output, r.output
+    assert _faces_of(tmp_path / "o2")["small.png"]["status"] == "nothing_restored"
+
+
+def test_one_bad_photo_is_one_skip_and_the_batch_goes_on(ckpt, tmp_path, monkeypatch):
+    good = _img(tmp_path / "in" / "good.png", (60, 40), 1)
+    _img(tmp_path / "in" / "huge.png", (100, 100), 2)
+    (tmp_path / "in" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 3000)  # huge.png (10,000 px) > 2x: DecompressionBombError
+    _fake_detector(monkeypatch, {(60, 40): [(8, 8, 18, 18)]})
+    r = _ok("infer", "--checkpoint", ckpt, "--lr", tmp_path / "in", "--detect", "--out", tmp_path / "out")
+    assert "Traceback" not in r.output
+    lines = [ln for ln in r.output.splitlines() if "skipped" in ln and "photo(s)" not in ln]
+    assert len(lines) == 2 and any("broken.jpg: not a readable image" in ln for ln in lines), r.output
+    assert any("huge.png: too large to open" in ln for ln in lines), r.output
+    rec = _faces_of(tmp_path / "out")
+    assert rec["broken.jpg"]["status"] == rec["huge.png"]["status"] == "skipped"
+    assert "too large" in rec["huge.png"]["reason"] and "\n" not in rec["huge.png"]["reason"]
+    assert rec["good.png"]["status"] == "restored" and (tmp_path / "out" / "good_restored.png").is_file()
+    assert str(good) == rec["good.png"]["input"] and "2 photo(s) skipped" in r.output
+
+
+def test_min_face_and_min_prob_reach_the_detector(ckpt, tmp_path, monkeypatch):
+    from model.paste import MIN_FACE, MIN_PROB
+
+    photo = _img(tmp_path / "p.png", (60, 40), 1)
+    seen: list = []
+    _fake_detector(monkeypatch, {(60, 40): [(8, 8, 18, 18)]}, seen)
+    _ok("infer", "--checkpoint", ckpt, "--lr", photo, "--detect", "--min-face", 8, "--min-prob", 0.5, "--out", tmp_path / "o")
+    assert seen == [{"min_face": 8, "min_prob": 0.5}]
+    det = json.loads((tmp_path / "o" / "infer.json").read_text())["detection"]
+    assert det["min_face"] == 8 and det["min_prob"] == 0.5
+    _ok("infer", "--checkpoint", ckpt, "--lr", photo, "--detect", "--out", tmp_path / "o2")
+    assert seen[-1] == {"min_face": MIN_FACE, "min_prob": MIN_PROB} and MIN_FACE <= 12
+    r = _invoke("infer", "--checkpoint", ckpt, "--lr", photo, "--min-prob", 0.5, "--out", tmp_path / "o3")
+    assert r.exit_code == 2 and "--min-prob: need --detect" in r.output
+
+
+def test_detector_enlarges_photos_so_the_smallest_face_is_seen():
+    from refbuild.detector import Detector
+
+    assert Detector("cpu")._scale((500, 400)) == 1.0 and Detector("cpu")._scale((2048, 100)) == 0.5  # as before
+    det = Detector("cpu", min_face=12, enlarge_to=24, detect_size=2048)
+    assert det._scale((500, 400)) == 2.0 and det._scale((1600, 100)) == 1.28 and det._minsize((500, 400)) == 24
+    assert len(det.detect([Image.new("RGB", (50, 40))])[0]) == 0  # boxes come back in photo pixels, none here
+
+
+def test_default_checkpoint_prefers_the_real_one_for_whole_photos(ckpt, tmp_path, monkeypatch):
+    import shutil
+
+    import model.infer
+    from model.errors import MsrError
+    from model.infer import DEFAULT_CLEAN, DEFAULT_REAL, default_checkpoint
+
+    w = tmp_path / "weights"
+    w.mkdir()
+    with pytest.raises(MsrError, match="give --checkpoint"):
+        default_checkpoint(True, w)
+    shutil.copy(ckpt, w / DEFAULT_CLEAN)
+    path, why = default_checkpoint(True, w)
+    assert path == w / DEFAULT_CLEAN and DEFAULT_REAL in why and "not in" in why
+    shutil.copy(ckpt, w / DEFAULT_REAL)
+    assert default_checkpoint(True, w)[0] == w / DEFAULT_REAL and default_checkpoint(False, w)[0] == w / DEFAULT_CLEAN
+    monkeypatch.setattr(model.infer, "WEIGHTS", w)
+    photo = _img(tmp_path / "p.png", (60, 40), 1)
+    _fake_detector(monkeypatch, {(60, 40): [(8, 8, 18, 18)]})
+    r = _ok("infer", "--lr", photo, "--detect", "--out", tmp_path / "o")
+    assert f"model: msrnet2_tiny_x4 from {w / DEFAULT_REAL}" in r.output and "realistic degradations" in r.output
+    rec = json.loads((tmp_path / "o" / "infer.json").read_text())
+    assert rec["checkpoint"] == str(w / DEFAULT_REAL) and "realistic" in rec["checkpoint_choice"]
+
+
+@pytest.mark.realdata
+def test_a_real_face_12_px_wide_is_found_and_restored(ckpt, tmp_path, real_faces):
+    from model.paste import find_faces
+
+    src = real_faces / "facenet_pytorch" / "data" / "test_images" / "kate_siegel" / "1.jpg"
+    if not src.is_file():
+        pytest.skip(f"{src} not found")
+    with Image.open(src) as im:
+        photo = im.convert("RGB")
+    big = find_faces([photo], 0.52, "cpu")[0][0]
+    f = 12 / big.width
+    small = photo.resize((round(photo.width * f), round(photo.height * f)), Image.BICUBIC)
+    small.save(tmp_path / "small.png")  # in tmp only, never the repo
+    found = find_faces([small], 0.52, "cpu")[0]
+    assert found and abs(found[0].width - 12) < 4, found
+    r = _ok("infer", "--checkpoint", ckpt, "--lr", tmp_path / "small.png", "--detect", "--out", tmp_path / "out")
+    assert "1 face(s) restored, 0 left as they were" in r.output, r.output
 
 
 def test_version():

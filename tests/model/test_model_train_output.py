@@ -46,7 +46,10 @@ def test_run_config_and_eval_summary_are_resolved(synthetic_manifest, tmp_path, 
                             progress=False, device="cpu"))
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["manifest"] == str(synthetic_manifest.resolve()) and cfg["runs_dir"].startswith("/")
-    assert cfg["used"]["device"] == "cpu" and cfg["used"]["precision"] == "fp32"
+    from refbuild.torchutil import native_cpu_bf16
+
+    # auto: bf16 autocast where the CPU computes bf16 natively, fp32 elsewhere
+    assert cfg["used"]["device"] == "cpu" and cfg["used"]["precision"] == ("bf16" if native_cpu_bf16() else "fp32")
     assert cfg["provenance"]["torch"] == torch.__version__ and cfg["provenance"]["python"]
     _, summary = evaluate(run / "last.safetensors", synthetic_manifest, tmp_path / "ev", device="cpu")
     saved = json.loads((tmp_path / "ev" / "summary.json").read_text())

@@ -27,13 +27,13 @@ def _faces(root: Path) -> None:
     (root / "p0" / "broken.jpg").write_bytes(b"not a jpeg")
 
 
-def _build(src: Path, lib: Path, mdir: Path, *engine: str) -> None:
+def _build(src: Path, lib: Path, mdir: Path, *engine: str, backbone: str = "vggface") -> None:
     def ok(*args):
         res = CliRunner().invoke(app, [str(a) for a in args])
         assert res.exit_code == 0, res.output
 
     ok("detect", src, "--out", lib, "--aligned", "--identity-from-folder", "--crop-size", 64, "--shard-size", 4, *engine, "-q")
-    ok("embed", lib, "--backbone", "vggface", "--weights", "random", "--shard-size", 4, *engine, "-q")
+    ok("embed", lib, "--backbone", backbone, "--weights", "random", "--shard-size", 4, *engine, "-q")
     ok("split", lib, "--ratios", "2,1,1", "-q")
     ok("pair", lib, "-m", 1, "--manifest-dir", mdir, "--name", "e", "--query-chunk", 3, *engine, "-q")
 
@@ -48,18 +48,19 @@ def _same(a: Path, b: Path, ma: Path, mb: Path) -> None:
         assert ta.equals(tb), s
 
 
-def test_local_workers_and_ray_give_identical_libraries(tmp_path):
+@pytest.mark.parametrize("backbone", ["vggface", "dlib"])  # the networks; hog and pixels have no weights to load
+def test_local_workers_and_ray_give_identical_libraries(tmp_path, backbone):
     src = tmp_path / "src"
     _faces(src)
-    _build(src, tmp_path / "one", tmp_path / "m1", "--workers", 1)
-    _build(src, tmp_path / "two", tmp_path / "m2", "--workers", 2)
+    _build(src, tmp_path / "one", tmp_path / "m1", "--workers", 1, backbone=backbone)
+    _build(src, tmp_path / "two", tmp_path / "m2", "--workers", 2, backbone=backbone)
     _same(tmp_path / "one", tmp_path / "two", tmp_path / "m1", tmp_path / "m2")
     pytest.importorskip("ray", reason="ray is not installed (pip install 'msrface[ray]'): Ray engine not tested")
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        _build(src, tmp_path / "ray", tmp_path / "m3", "--engine", "ray", "--workers", 2)
+        _build(src, tmp_path / "ray", tmp_path / "m3", "--engine", "ray", "--workers", 2, backbone=backbone)
     finally:
         ray.shutdown()
     _same(tmp_path / "one", tmp_path / "ray", tmp_path / "m1", tmp_path / "m3")

@@ -24,3 +24,12 @@ def test_declared_channels_are_the_maps_channels(name):
 def test_unknown_backbone_names_the_registered_ones():
     with pytest.raises(RefbuildError, match=" or ".join([", ".join(list(BACKBONES)[:-1]), list(BACKBONES)[-1]])):
         build_backbone("nosuch")
+
+
+def test_dlib_refuses_weights_that_are_not_its_own(tmp_path):
+    """--weights reaches every backbone, MSRFACE_VGGFACE_WEIGHTS included: dlib's says what to do with a VGG file."""
+    vgg = tmp_path / "vgg_face_dag.pth"
+    vgg.write_bytes(b"PK\x03\x04 not a dlib file")
+    with pytest.raises(RefbuildError, match="MSRFACE_VGGFACE_WEIGHTS") as e:
+        build_backbone("dlib", str(vgg), load=False)
+    assert "\n" not in str(e.value)

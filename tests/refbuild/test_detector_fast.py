@@ -1,4 +1,4 @@
-"""refbuild/mtcnn.py (our MTCNN cascade) against facenet-pytorch's `detect_face`, same weights."""
+"""refbuild/nets/mtcnn.py (our MTCNN cascade) against facenet-pytorch's `detect_face`, same weights."""
 from __future__ import annotations
 
 import csv
@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from refbuild import mtcnn
+from refbuild.nets import mtcnn
 
 THRESHOLDS, FACTOR, MINSIZE = (0.6, 0.7, 0.7), 0.709, 40
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from rb_helpers import invoke, make_faces, one_line_error
-from refbuild.backbones import DAG_CONVS, VGG16_CFG
+from refbuild.nets.vggface import DAG_CONVS, VGG16_CFG
 
 NO_ENV_WEIGHTS = {"MSRFACE_VGGFACE_WEIGHTS": None}  # an exported path must not leak into these tests
 

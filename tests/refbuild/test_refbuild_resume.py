@@ -93,13 +93,14 @@ def test_detect_resume_after_kill(tmp_path):
     _no_temps(lib)
 
 
-def test_embed_resume_after_kill(tmp_path):
+@pytest.mark.parametrize("backbone", [["pixels"], ["dlib", "--weights", "random"]])
+def test_embed_resume_after_kill(tmp_path, backbone):
     src = tmp_path / "src"
     make_faces(src)
     lib, ref = tmp_path / "killed", tmp_path / "clean"
     for d in (lib, ref):
         invoke(*_detect_args(src, d))
-    args = ["embed", "--backbone", "pixels", "--views", "hr,lr", "--shard-size", 4, "--device", "cpu", "-q"]
+    args = ["embed", "--backbone", *backbone, "--views", "hr,lr", "--shard-size", 4, "--device", "cpu", "-q"]
     n = _kill_after([args[0], lib, *args[1:]], lib / ".work" / "embed-hr" / "shard-*.done", 3, tmp_path)
     assert n < 11, "the run finished before the kill"
     invoke(args[0], lib, *args[1:])
