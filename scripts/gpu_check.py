@@ -55,14 +55,14 @@ def plan(a: argparse.Namespace) -> list[tuple[str, list[str]]]:
         ("train", [py, "-m", "model", "train", "--manifest", str(man / "train.parquet"), "--model", "msrnet2_x8",
                    "--num-refs", "4", "--ref-dropout", "0.5", "--jitter", "0.1", "--steps", str(a.train_steps),
                    "--batch-size", "8", "--lr", "5e-4", "--warmup-steps", "200", "--ema-decay", "0.999",
-                   "--ckpt-every", "500", "--device", "cuda", "--runs-dir", str(out / "runs"), "--name", "x8"]),
+                   "--ckpt-every", "500", "--device", "cuda", "--allow-enlarged", "--runs-dir", str(out / "runs"), "--name", "x8"]),
     ]
     if a.mode == "train":
         return library + train_plan(a, man)
     for refs in ("matched", "none"):
         steps.append((f"eval_{refs}", [py, "-m", "model", "eval", "--checkpoint", str(out / "runs" / "x8" / "last.safetensors"),
                                        "--manifest", str(man / "test.parquet"), "--refs", refs, "--no-ema",
-                                       "--out", str(out / f"eval_{refs}"), "--device", "cuda"]))
+                                       "--out", str(out / f"eval_{refs}"), "--device", "cuda", "--allow-enlarged"]))
     return steps
 
 
@@ -77,12 +77,12 @@ def train_plan(a: argparse.Namespace, man: Path) -> list[tuple[str, list[str]]]:
                         "--num-refs", "4", "--ref-dropout", "0.5", "--jitter", "0.1", "--framing", "0.9,1.25",
                         "--degradation", a.degradation, "--steps", str(a.train_steps), "--batch-size", str(a.batch_size),
                         "--lr", "5e-4", "--warmup-steps", "200", "--ema-decay", "0.999", "--ckpt-every", "1000",
-                        "--workers", "8", "--device", "cuda", "--precision", "bf16",
+                        "--workers", "8", "--device", "cuda", "--precision", "bf16", "--allow-enlarged",
                         "--runs-dir", str(out / "runs"), "--name", "x8"])]
     for deg in ("bicubic", "camera"):
         steps.append((f"eval_{deg}", [py, "-m", "model", "eval", "--checkpoint", str(run / "last.safetensors"),
                                       "--manifest", str(man / "test.parquet"), "--degradation", deg,
-                                      "--zooms", "0.9,1.15,1.3", "--out", str(out / f"eval_{deg}"), "--device", "cuda"]))
+                                      "--zooms", "0.9,1.15,1.3", "--out", str(out / f"eval_{deg}"), "--device", "cuda", "--allow-enlarged"]))
     steps.append(("export", [py, "-m", "model", "export", "--checkpoint", str(run / "last.safetensors"),
                              "--out", str(out / f"{weights_name(a)}.safetensors")]))
     return steps
