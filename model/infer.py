@@ -135,7 +135,7 @@ def prepare_faces(cfg: InferConfig, inputs: list[Input], scale: int, note: Calla
     records: dict[Path, dict[str, Any]] = {}
     faces: list[Face] = []
     images = {inp.path: load_input(inp.path) for inp in inputs}
-    bad = [(inp, im) for inp, im in images.items() if isinstance(im, str)]
+    bad = [(path, im) for path, im in images.items() if isinstance(im, str)]  # (path, why)
     if bad and len(bad) == len(inputs):
         raise MsrError(bad[0][1] if len(bad) == 1 else f"none of the {len(bad)} inputs can be read; first {bad[0][1]}")
     for path, reason in bad:
@@ -211,7 +211,7 @@ def paste_photo(cfg: InferConfig, inp: Input, rec: dict[str, Any], mine: list[Fa
 
 
 def summary_line(record: dict[str, Any]) -> str:
-    """'3 faces restored, 2 left as they were (wider than 24 px); 1 photo skipped (...)' for a --detect run."""
+    """'3 face(s) restored, 2 left as they were (wider than 40 px); 1 photo(s) skipped (...)' for a --detect run."""
     faces = [f for i in record["inputs"] for f in i.get("faces", [])]
     restored = sum(f.get("decision") == "restored" for f in faces)
     left: dict[str, int] = {}
@@ -221,7 +221,7 @@ def summary_line(record: dict[str, Any]) -> str:
             left[kind] = left.get(kind, 0) + 1
     line = f"{restored} face(s) restored, {sum(left.values())} left as they were"
     if left:
-        line += " (" + "; ".join(f"{n}: {k}" if len(left) > 1 else k for k, n in left.items()) + ")"
+        line += " (" + "; ".join(f"{n} {k}" if len(left) > 1 else k for k, n in left.items()) + ")"
     more = sum(i.get("faces_found", 0) - len(i.get("faces", [])) for i in record["inputs"])
     if more:
         line += f"; {more} more face(s) found, considered with --all-faces"

@@ -7,11 +7,12 @@ the middle of the box, falling smoothly to 0 over the outer `feather` of its
 side, so no seam shows where the restored face meets the bicubic photo.
 
 Which faces are restored (docs/DESIGN.md "Restoring faces in whole photos", measured by
-`pipelines/realfaces.py`): only faces at most `MAX_FACE` px wide (the model sees every
-face through a 16x16 input, so a wider face loses more detail in that input than the
-model puts back); and only where the restoration, fitted to the face (`fit_to_face`) and
-shrunk back to the face's own size, agrees with the face (`MIN_AGREEMENT` dB) and the
-output is larger than the face: a restoration never replaces a face that holds more detail.
+`pipelines/realfaces.py`): only faces at most `MAX_FACE` px wide (the widest measured to
+gain: the model sees every face through a 16x16 input, which holds ever less of a wider
+face); each restoration fitted to its face by back-projection (`fit_to_face`: the face's
+own detail kept, the model's added above it), and pasted only where, shrunk back to the
+face's own size, it agrees with the face (`MIN_AGREEMENT` dB) and the output is larger
+than the face: a restoration never replaces a face that holds more detail.
 """
 from __future__ import annotations
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -209,9 +208,9 @@ def table(res: dict[str, Any]) -> str:
         lines.append(f"| {label} | " + " | ".join(fn(by[W]) for W in widths) + " |")
 
     line("bicubic PSNR-Y in the face box (dB)", lambda rs: f"{np.mean([r['bicubic'] for r in rs]):.2f}")
-    line("**infer's rule**: restored - bicubic (dB)", lambda rs: f"**{np.mean([r['rule'] for r in rs]):+.2f}**")
-    line("every face, pasted as made (before): restored - bicubic", lambda rs: f"{np.mean([r['plain'] for r in rs]):+.2f}")
-    line("faces the rule restored, worst face (dB)", lambda rs: f"{sum(r['rule_decision'] == 'restored' for r in rs)}, "
+    line("**the rule**: restored - bicubic (dB)", lambda rs: f"**{np.mean([r['rule'] for r in rs]):+.2f}**")
+    line("every face pasted as the model made it (before the rule)", lambda rs: f"{np.mean([r['plain'] for r in rs]):+.2f}")
+    line("faces the rule restored, and the worst face (dB)", lambda rs: f"{sum(r['rule_decision'] == 'restored' for r in rs)}, "
                                                               f"{min(r['rule'] for r in rs):+.2f}")
     line(f"found (of {n}): infer (--min-face {MIN_FACE}, --min-prob {MIN_PROB:g}, enlarged)",
          lambda rs: str(sum(r["found"] for r in rs)))
@@ -238,6 +237,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--device", default="cpu")
     a = ap.parse_args(argv)
     a.widths = [int(w) for w in a.widths.split(",")]
+    repo = Path(__file__).resolve().parents[1]
+    if a.out.resolve().is_relative_to(repo):
+        ap.error(f"--out {a.out}: inside the repository; OUT holds photos cut from real faces, give a folder outside it")
     from refbuild.io import write_json
 
     res = run(a)

@@ -80,7 +80,8 @@ def test_infer_detects_faces_in_whole_photos(trained, tmp_path, real_faces):
     if not photo.is_file():
         pytest.skip(f"{photo} not found")
     shutil.copy(photo, tmp_path / "photo.jpg")  # into tmp only, never the repo
-    _ok(model_app, "infer", "--checkpoint", ckpt, "--lr", tmp_path / "photo.jpg", "--detect", "--library", lib,
+    _ok(model_app, "infer", "--checkpoint", ckpt, "--lr", tmp_path / "photo.jpg", "--detect", "--max-face", 1000,
+        "--library", lib,
         "--num-refs", 2, "--out", tmp_path / "sr", "--device", "cpu")
     assert (tmp_path / "sr" / "photo_x4.png").is_file()
     negative = real_faces / "nonface_negatives" / "testsets" / "Set5" / "HR" / "bird.png"
