@@ -10,7 +10,7 @@ from rich.markup import escape
 from rich.console import Console
 from rich.table import Table
 
-from refbuild.cliutil import Precision, choices, one_line_errors, run_app, version_callback
+from refbuild.cliutil import Precision, choices, comma_floats, one_line_errors, run_app, version_callback
 
 from .paste import MAX_FACE, MIN_FACE, MIN_PROB  # numpy and PIL only: --help stays fast
 
@@ -25,19 +25,6 @@ ALLOW_ENLARGED_HELP = ("accept HR targets refbuild enlarged (cut from fewer sour
 RefMode = choices("RefMode", "matched", "random", "none", "oracle", "shuffled")  # model.data.REF_MODES (torch-free here)
 TrainDegradation = choices("TrainDegradation", "bicubic", "real")  # model.degradations presets for training
 EvalDegradation = choices("EvalDegradation", "bicubic", "real", "camera", "harsh")  # model.degradations.PRESETS
-
-
-def _floats(text: str | None, what: str, n: int | None = None) -> tuple[float, ...] | None:
-    """'0.9,1.3' -> (0.9, 1.3); BadParameter naming the option when it is not that."""
-    if text is None:
-        return None
-    try:
-        vals = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise typer.BadParameter(f"{what} {text!r}: give comma-separated numbers, e.g. 0.9,1.3") from None
-    if n is not None and len(vals) != n:
-        raise typer.BadParameter(f"{what} {text!r}: give {n} comma-separated numbers")
-    return vals
 
 
 @app.callback()
@@ -101,7 +88,7 @@ def train(
     cfg = TrainConfig(
         manifest=manifest, model=model, name=name, runs_dir=runs_dir, data_root=data_root, val_manifest=val_manifest,
         num_refs=num_refs, refs=refs.value, ref_dropout=ref_dropout, jitter=jitter, degradation=degradation.value,
-        framing=_floats(framing, "--framing", 2), init_from=init_from, id_loss_weight=id_loss_weight, use_swin=not no_swin, steps=steps, batch_size=batch_size, lr=lr,
+        framing=comma_floats(framing, 2, "--framing"), init_from=init_from, id_loss_weight=id_loss_weight, use_swin=not no_swin, steps=steps, batch_size=batch_size, lr=lr,
         warmup_steps=warmup_steps, grad_clip=grad_clip, ema_decay=ema_decay, stage1_weight=stage1_weight,
         workers=workers, seed=seed, log_every=log_every, ckpt_every=ckpt_every, sample_every=sample_every,
         device=device, precision=precision.value, resume=resume, allow_changed_config=allow_changed_config,
@@ -135,7 +122,7 @@ def eval_cmd(
     from .evaluate import METRICS, evaluate
 
     where, summary = evaluate(checkpoint, manifest, out_dir, refs.value, num_refs, data_root, device,
-                              batch_size, not no_ema, report, seed, degradation.value, _floats(zooms, "--zooms") or (),
+                              batch_size, not no_ema, report, seed, degradation.value, comma_floats(zooms, None, "--zooms") or (),
                               allow_enlarged, identity)
     t = Table(title=f"{summary['n']} faces ({summary.get('split')} split), x{summary['scale']}, refs {summary['refs']} "
                     f"chosen on the {summary.get('ref_view')} view, inputs {summary['degradation']}; bicubic MATLAB-style; *_full: MATLAB Y, no crop")

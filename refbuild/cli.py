@@ -17,7 +17,7 @@ import typer
 from rich.markup import escape
 
 from refbuild.backbones import BACKBONES, backbones_help
-from refbuild.cliutil import Precision, choices, one_line_errors, version_callback
+from refbuild.cliutil import Precision, choices, comma_floats, one_line_errors, version_callback
 from refbuild.errors import RefbuildError
 from refbuild.progress import console
 from refbuild.runners import Engine as EngineName
@@ -58,16 +58,6 @@ def _precision(value: str | Precision) -> Precision:
         raise typer.BadParameter("--precision is auto, fp32 or bf16") from None
 
 
-def _floats(text: str | None, n: int | None, opt: str) -> tuple[float, ...] | None:
-    if text is None:
-        return None
-    try:
-        vals = tuple(float(x) for x in text.split(","))
-    except ValueError:
-        raise typer.BadParameter(f"{opt} takes comma-separated numbers, got {text!r}") from None
-    if n is not None and len(vals) != n:
-        raise typer.BadParameter(f"{opt} takes {n} comma-separated numbers, got {text!r}")
-    return vals
 
 
 def _check_engine(engine: EngineName, workers: int) -> None:
@@ -169,7 +159,7 @@ def embed(
     from refbuild.embed import EmbedConfig, run
 
     _check_engine(engine, workers)
-    layer_t = tuple(int(x) for x in _floats(layers, None, "--layers"))
+    layer_t = tuple(int(x) for x in comma_floats(layers, None, "--layers"))
     run(EmbedConfig(lib=lib, backbone=backbone.value, weights=weights, weights_sha256=weights_sha256, layers=layer_t,
                     grid=grid, layer_norm=layer_norm.value, views=tuple(v.strip() for v in views.split(",")),
                     lr_scale=lr_scale, batch_size=batch_size, shard_size=shard_size, device=device,
@@ -196,8 +186,8 @@ def split(
     """Identity-disjoint train/val/test split into splits.parquet."""
     from refbuild.split import SplitConfig, run
 
-    cnt = _floats(counts, 3, "--counts")
-    run(SplitConfig(lib=lib, ratios=_floats(ratios, 3, "--ratios"), counts=tuple(int(c) for c in cnt) if cnt else None,
+    cnt = comma_floats(counts, 3, "--counts")
+    run(SplitConfig(lib=lib, ratios=comma_floats(ratios, 3, "--ratios"), counts=tuple(int(c) for c in cnt) if cnt else None,
                     seed=seed, unlabeled=unlabeled.value, allow_empty=allow_empty, overwrite=overwrite, quiet=quiet))
 
 
@@ -251,7 +241,7 @@ def pair(
                                  "no other); drop --pool", param_hint="--pool")
     run(PairConfig(lib=lib, m=m, queries=queries, query_view=query_view.value,
                    pool=(pool or RefPool.train).value, same_person=same_person,
-                   layer_weights=_floats(layer_weights, None, "--layer-weights"), name=name,
+                   layer_weights=comma_floats(layer_weights, None, "--layer-weights"), name=name,
                    manifest_dir=manifest_dir, pool_chunk=pool_chunk, index=index.value, nlist=nlist, nprobe=nprobe,
                    query_chunk=query_chunk, device=device, workers=workers, engine=engine.value,
                    overwrite=overwrite, quiet=quiet))

@@ -97,3 +97,20 @@ def run_app(app: typer.Typer, prog: str) -> None:
         _utils.echo("aborted", err=True)
         sys.exit(1)
     sys.exit(rc if isinstance(rc, int) else 0)
+
+
+def comma_floats(text: str | None, n: int | None, opt: str) -> tuple[float, ...] | None:
+    """'0.9,1.3' -> (0.9, 1.3) for option `opt` (exactly `n` numbers when n is given); None stays None.
+
+    Raises:
+        typer.BadParameter: naming the option and what it takes (a usage error, exit code 2).
+    """
+    if text is None:
+        return None
+    try:
+        vals = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"{opt} takes comma-separated numbers, got {text!r}") from None
+    if n is not None and len(vals) != n:
+        raise typer.BadParameter(f"{opt} takes {n} comma-separated numbers, got {text!r}")
+    return vals
