@@ -67,15 +67,19 @@ def to_tensor(im: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
 
 
+def hr_target(hr: Image.Image, scale: int) -> Image.Image:
+    """An HR crop at the model's output side 16*scale (bicubic when it is not already)."""
+    size = LR_SIZE * scale
+    return hr if hr.size == (size, size) else hr.resize((size, size), Image.BICUBIC)
+
+
 def degrade(hr: Image.Image, scale: int) -> tuple[Image.Image, Image.Image]:
     """HR crop -> (HR at 16*scale, bicubic 16x16 LR of it).
 
     Not `refbuild.embed.degrade` (down by `scale` and back up, at the crop's own side: the
     library's LR view for retrieval): this one is the model's input, always 16x16. The two
     agree (after upsampling this LR) only on crops of side 16*scale, so both are kept."""
-    size = LR_SIZE * scale
-    if hr.size != (size, size):
-        hr = hr.resize((size, size), Image.BICUBIC)
+    hr = hr_target(hr, scale)
     return hr, hr.resize((LR_SIZE, LR_SIZE), Image.BICUBIC)
 
 
@@ -257,9 +261,8 @@ class ManifestDataset(Dataset):
         if self.framing is not None:  # its own stream: the other per-sample draws stay as they were
             frng = self._rng(f"framing:{key}")
             im = framed(im, frng.uniform(*self.framing), frng.random(), frng.random())
-        hr, lr = degrade(_jittered(im, self.jitter, rng), self.scale)
-        if self.degradation != "bicubic":
-            lr = degradations.apply(hr, self.degradation_at(key))
+        hr = hr_target(_jittered(im, self.jitter, rng), self.scale)
+        lr = degradations.apply(hr, self.degradation_at(key))  # bicubic: the same bytes as `degrade`
         size = hr.size[0]
         refs = []
         for p in self._ref_paths(row, rng):

@@ -65,16 +65,28 @@ def synthetic_manifest(tmp_path_factory) -> Path:
     return write_manifest(root / "train.parquet", rows, root, root)
 
 
+def photos_by_identity(src: Path) -> dict[str, list[str]]:
+    """celeba_facecrops' labels.csv: identity -> its photos' paths (relative to `src`), in file order."""
+    by_id: dict[str, list[str]] = defaultdict(list)
+    with open(src / "labels.csv", newline="") as fh:
+        for r in csv.DictReader(fh):
+            by_id[r["celeba_identity"]].append(r["path"])
+    return by_id
+
+
+@pytest.fixture(scope="session", name="photos_by_identity")
+def _photos_by_identity_fixture():
+    """`photos_by_identity` for test modules (a conftest is not importable by name from them)."""
+    return photos_by_identity
+
+
 @pytest.fixture(scope="session")
 def real_manifest(tmp_path_factory) -> Path:
     """8 CelebA face crops (8 identities) resized to 256x256 PNG; refs = 4 faces of other identities."""
     src = faces_root() / "celeba_facecrops"
     if not (src / "labels.csv").is_file():
         pytest.skip(f"real faces not found at {src} (set MSRFACE_FACES to the shared faces folder)")
-    by_id: dict[str, list[str]] = defaultdict(list)
-    with open(src / "labels.csv", newline="") as fh:
-        for r in csv.DictReader(fh):
-            by_id[r["celeba_identity"]].append(r["path"])
+    by_id = photos_by_identity(src)
     ids = sorted(by_id, key=lambda i: (-len(by_id[i]), i))[:12]
     root = tmp_path_factory.mktemp("real")
     picked = []

@@ -127,17 +127,12 @@ def recogniser_installed():
 
 
 @pytest.fixture(scope="module")
-def two_photos_each(real_faces, tmp_path_factory):
+def two_photos_each(real_faces, tmp_path_factory, photos_by_identity):
     """Real CelebA crops: 4 people with 2 photos each (64x64 PNG), as (root, [(identity, [name, name])])."""
-    from collections import defaultdict
-
     src = real_faces / "celeba_facecrops"
     if not (src / "labels.csv").is_file():
         pytest.skip(f"real faces not found at {src} (set MSRFACE_FACES to the shared faces folder)")
-    by_id: dict[str, list[str]] = defaultdict(list)
-    with open(src / "labels.csv", newline="") as fh:
-        for r in csv.DictReader(fh):
-            by_id[r["celeba_identity"]].append(r["path"])
+    by_id = photos_by_identity(src)
     root = tmp_path_factory.mktemp("two_photos")
     people = []
     for ident in sorted(by_id, key=lambda i: (-len(by_id[i]), i))[:4]:
