@@ -36,7 +36,8 @@ def table(results: dict) -> list[str]:
         if st.get("skipped"):
             rows.append(f"| {st['stage']} | - | - | - | - | - | - | - | - | skipped: {st['skipped']} |")
             continue
-        rows.append(f"| {st['stage']} | {st['baseline']} | {st['ours']} | **{st['ratio']}x** | {_t(st['baseline_timing'])} | "
+        ratio = f"**{st['ratio']}x**" if st.get("ratio") is not None else "- (a table below)"
+        rows.append(f"| {st['stage']} | {st['baseline']} | {st['ours']} | {ratio} | {_t(st['baseline_timing'])} | "
                     f"{_t(st['ours_timing'])} | {_mem(st)} | {st['bar']} | {_tick(st['same_answer'])} | {_tick(st['met'])} |")
     return rows
 

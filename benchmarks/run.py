@@ -21,7 +21,7 @@ from pathlib import Path
 
 from benchmarks.common import REPO, Skip, Stage
 
-STAGES = ("detect", "embed", "pair", "matching", "train", "infer")
+STAGES = ("detect", "embed", "pair", "matching", "train", "infer", "quality")
 REPEATS = {"quick": 2, "default": 5, "full": 7}
 
 
@@ -46,6 +46,26 @@ def machine() -> dict:
             "load_avg_at_start": list(os.getloadavg())}
 
 
+def merged(into: Path, new: dict) -> dict:
+    """`into`'s record with the stages of `new` replacing its own (or added), each noted as a rerun."""
+    try:
+        old = json.loads(into.read_text())
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--merge-into {into}: not a results JSON ({e})")
+    if old.get("mode") != new["mode"]:
+        raise SystemExit(f"--merge-into {into}: it is a {old.get('mode')} run, this one {new['mode']}: run with the same size")
+    load = ", ".join(f"{x:.1f}" for x in new["machine"]["load_avg_at_start"])
+    by = {st["stage"]: i for i, st in enumerate(old["stages"])}
+    for st in new["stages"]:
+        if st["stage"] in by:
+            old["stages"][by[st["stage"]]] = st
+        else:
+            old["stages"].append(st)
+        old.setdefault("reruns", {})[st["stage"]] = (f"RERUN at {new['date']} on {new['machine']['host']} "
+                                                     f"(load average at start {load})")
+    return old
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
     size = ap.add_mutually_exclusive_group()
@@ -53,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     size.add_argument("--full", action="store_true", help="larger sizes than the default (more images, more repeats)")
     ap.add_argument("--only", default="", help=f"comma-separated stages, of {','.join(STAGES)}")
     ap.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results)")
+    ap.add_argument("--merge-into", type=Path, default=None,
+                    help="a results JSON of an earlier run: replace (or add) the stages run now in it, "
+                         "note them as reruns, and render BENCHMARKS.md from the merged record")
     ap.add_argument("--md", type=Path, default=None, help="BENCHMARKS.md path (default: repo root, or <out>/ with --out)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--child-json", type=Path, default=None, help=argparse.SUPPRESS)
@@ -90,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     results["wall_s"] = round(time.perf_counter() - t_all, 1)
     name = f"{socket.gethostname()}-{now:%Y%m%d-%H%M%S}{'-quick' if mode == 'quick' else ''}.json"
     path = out_dir / name
+    if a.merge_into:
+        results, path = merged(a.merge_into, results), a.merge_into
+        md = a.md or REPO / "BENCHMARKS.md"
     tmp_path = path.with_suffix(".json.tmp")
     tmp_path.write_text(json.dumps(results, indent=1))
     tmp_path.replace(path)

@@ -59,6 +59,7 @@ def train(
     jitter: Annotated[float, typer.Option(min=0.0, max=0.49, help="framing jitter of HR and references (fraction of the crop side)")] = 0.0,
     degradation: Annotated[TrainDegradation, typer.Option(help="how the 16 px input is made: bicubic (the paper's, the benchmark's) or real (blur, resize kernels, noise, JPEG; docs/DESIGN.md)")] = TrainDegradation.bicubic,
     framing: Annotated[Optional[str], typer.Option(help="HR zoom range LO,HI, e.g. 0.9,1.3 (>1 closer, <1 farther): train for the framings test crops may have")] = None,
+    shift: Annotated[float, typer.Option(min=0.0, max=0.25, help="move the face by up to this fraction of the side along each axis (framing; edges mirrored)")] = 0.0,
     init_from: Annotated[Optional[Path], typer.Option(help="start from these weights (e.g. weights/msrnet2_x8.safetensors) instead of random ones")] = None,
     id_loss_weight: Annotated[float, typer.Option(min=0.0, help="weight of the identity loss (1 - cos of the recogniser's embeddings of SR and HR); 0 disables")] = 0.0,
     no_swin: Annotated[bool, typer.Option("--no-swin", help="3x3 conv instead of the Swin GFE (Table 3)")] = False,
@@ -88,7 +89,7 @@ def train(
     cfg = TrainConfig(
         manifest=manifest, model=model, name=name, runs_dir=runs_dir, data_root=data_root, val_manifest=val_manifest,
         num_refs=num_refs, refs=refs.value, ref_dropout=ref_dropout, jitter=jitter, degradation=degradation.value,
-        framing=comma_floats(framing, 2, "--framing"), init_from=init_from, id_loss_weight=id_loss_weight, use_swin=not no_swin, steps=steps, batch_size=batch_size, lr=lr,
+        framing=comma_floats(framing, 2, "--framing"), shift=shift, init_from=init_from, id_loss_weight=id_loss_weight, use_swin=not no_swin, steps=steps, batch_size=batch_size, lr=lr,
         warmup_steps=warmup_steps, grad_clip=grad_clip, ema_decay=ema_decay, stage1_weight=stage1_weight,
         workers=workers, seed=seed, log_every=log_every, ckpt_every=ckpt_every, sample_every=sample_every,
         device=device, precision=precision.value, resume=resume, allow_changed_config=allow_changed_config,
@@ -115,6 +116,7 @@ def eval_cmd(
     report: Annotated[bool, typer.Option("--report", help="also write OUT/report/index.html: metrics, a gallery per face, the run's sample grids")] = False,
     degradation: Annotated[EvalDegradation, typer.Option(help="how each 16 px input is made: bicubic (the benchmark), real (the training sampler), camera or harsh (fixed camera-like pipelines); seeded per face")] = EvalDegradation.bicubic,
     zooms: Annotated[Optional[str], typer.Option(help="also score at these centre framings, e.g. 0.9,1.15,1.3 (>1 closer)")] = None,
+    shifts: Annotated[Optional[str], typer.Option(help="also score with every face moved down by these fractions of the side, e.g. 0.075 (the standard aligned CelebA test crops' framing)")] = None,
     allow_enlarged: Annotated[bool, typer.Option("--allow-enlarged", help=ALLOW_ENLARGED_HELP)] = False,
     identity: Annotated[Optional[bool], typer.Option("--identity/--no-identity", help="also score identity with dlib's face recogniser: distance to the HR, verification, rank-1, drift toward the references (default: when its weights are installed)")] = None,
 ) -> None:
@@ -123,7 +125,7 @@ def eval_cmd(
 
     where, summary = evaluate(checkpoint, manifest, out_dir, refs.value, num_refs, data_root, device,
                               batch_size, not no_ema, report, seed, degradation.value, comma_floats(zooms, None, "--zooms") or (),
-                              allow_enlarged, identity)
+                              allow_enlarged, identity, comma_floats(shifts, None, "--shifts") or ())
     t = Table(title=f"{summary['n']} faces ({summary.get('split')} split), x{summary['scale']}, refs {summary['refs']} "
                     f"chosen on the {summary.get('ref_view')} view, inputs {summary['degradation']}; bicubic MATLAB-style; *_full: MATLAB Y, no crop")
     t.add_column("method")
@@ -133,7 +135,7 @@ def eval_cmd(
         t.add_row(m, *(f"{summary[m][k]:.4f}" for k in METRICS))
     out.print(t)
     for z, f in (summary.get("framings") or {}).items():
-        out.print(f"zoom {z}: SR {f['sr']['psnr_y']:.2f} dB PSNR-Y, bicubic {f['bicubic']['psnr_y']:.2f}")
+        out.print(f"framing {z}: SR {f['sr']['psnr_y']:.2f} dB PSNR-Y, bicubic {f['bicubic']['psnr_y']:.2f}")
     if summary.get("identity"):
         _identity_table(summary["identity"])
     elif summary.get("identity_note"):

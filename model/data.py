@@ -83,18 +83,21 @@ def degrade(hr: Image.Image, scale: int) -> tuple[Image.Image, Image.Image]:
     return hr, hr.resize((LR_SIZE, LR_SIZE), Image.BICUBIC)
 
 
-def framed(im: Image.Image, zoom: float, cx: float = 0.5, cy: float = 0.5) -> Image.Image:
-    """The square of side side/zoom centred at (cx, cy) of the free range (0.5: centred): zoom > 1 comes
-    closer (a crop), zoom < 1 steps back (edges mirrored outward). zoom 1: as is."""
-    if zoom == 1.0:
+def framed(im: Image.Image, zoom: float, cx: float = 0.5, cy: float = 0.5,
+           shift: tuple[float, float] = (0.0, 0.0)) -> Image.Image:
+    """The square of side side/zoom centred at (cx, cy) of the free range (0.5: centred), then moved so the
+    face moves by shift = (dx, dy) of that side (> 0: right, down): zoom > 1 comes closer (a crop), zoom < 1
+    steps back; wherever the square leaves the photo its edges are mirrored outward. zoom 1, no shift: as is."""
+    if zoom == 1.0 and shift == (0.0, 0.0):
         return im
     w, h = im.size
     side = max(1, round(min(w, h) / zoom))
-    if side > min(w, h):  # step back: mirror the edges outward, then crop
-        pad = side - min(w, h)
-        a = np.pad(np.asarray(im), ((pad, pad), (pad, pad), (0, 0)), mode="symmetric")
-        im, w, h = Image.fromarray(a), w + 2 * pad, h + 2 * pad
-    x0, y0 = round((w - side) * cx), round((h - side) * cy)
+    x0, y0 = (round((n - side) * c) if side <= n else round((side - n) * c) - (side - n) for n, c in ((w, cx), (h, cy)))
+    x0, y0 = x0 - round(shift[0] * side), y0 - round(shift[1] * side)
+    pad = max(0, -x0, -y0, x0 + side - w, y0 + side - h)
+    if pad:  # mirror the edges outward
+        im = Image.fromarray(np.pad(np.asarray(im), ((pad, pad), (pad, pad), (0, 0)), mode="symmetric"))
+        x0, y0 = x0 + pad, y0 + pad
     return im.crop((x0, y0, x0 + side, y0 + side))
 
 
@@ -157,7 +160,11 @@ class ManifestDataset(Dataset):
             other per-sample randomness.
         framing: (lo, hi) training zoom range: the HR is re-framed at a zoom ~ U(lo, hi) (> 1 closer,
             < 1 farther), at a random position; None: as cropped.
+        shift: training: the face is also moved by U(-shift, shift) of the side along each axis
+            (edges mirrored; `framed`); 0: not moved.
         zoom: evaluation: every HR centre-framed at this zoom (see `framed`).
+        offset: evaluation: every face moved down by this fraction of the side (the standard aligned
+            CelebA test crops hold the face ~0.075 lower than `refbuild detect --aligned` crops).
     Raises:
         ManifestError: wrong schema or unreadable manifest.
         MsrError: missing roots, unsafe relative paths, missing files.
@@ -177,6 +184,8 @@ class ManifestDataset(Dataset):
         degradation: str = "bicubic",
         framing: tuple[float, float] | None = None,
         zoom: float = 1.0,
+        shift: float = 0.0,
+        offset: float = 0.0,
     ):
         manifest = Path(manifest)
         if degradation not in degradations.PRESETS:
@@ -185,6 +194,8 @@ class ManifestDataset(Dataset):
             raise MsrError(f"framing must be lo,hi with 0.5 <= lo <= hi <= 2, got {framing}")
         if not 0.5 <= zoom <= 2.0:
             raise MsrError(f"zoom must be in [0.5, 2], got {zoom}")
+        if not (0.0 <= shift <= 0.25 and -0.25 <= offset <= 0.25):
+            raise MsrError(f"shift must be in [0, 0.25] and offset in [-0.25, 0.25], got {shift}, {offset}")
         if not 0 <= num_refs <= 5:
             raise MsrError(f"num_refs must be in 0..5, got {num_refs}")
         if refs not in REF_MODES:
@@ -228,6 +239,7 @@ class ManifestDataset(Dataset):
             _check_inside(manifest, needed)
         self.scale, self.num_refs, self.ref_mode, self.flip, self.seed = scale, num_refs, refs, flip, seed
         self.jitter, self.degradation, self.framing, self.zoom = jitter, degradation, framing, zoom
+        self.shift, self.offset = shift, offset
         self.ref_view = meta.get("query_view")  # which view of the query chose its references (hr | lr)
         splits = set(cols.get("split") or [])
         self.split = splits.pop() if len(splits) == 1 else None
@@ -257,10 +269,12 @@ class ManifestDataset(Dataset):
         row = self.rows[key % len(self.rows)]
         rng = self._rng(key)
         flip = self.flip and rng.random() < 0.5
-        im = framed(load_rgb(row.hr), self.zoom)
-        if self.framing is not None:  # its own stream: the other per-sample draws stay as they were
+        im = framed(load_rgb(row.hr), self.zoom, shift=(0.0, self.offset))
+        if self.framing is not None or self.shift:  # its own stream: the other per-sample draws stay as they were
             frng = self._rng(f"framing:{key}")
-            im = framed(im, frng.uniform(*self.framing), frng.random(), frng.random())
+            zoom, cx, cy = frng.uniform(*self.framing) if self.framing else 1.0, frng.random(), frng.random()
+            shift = (frng.uniform(-self.shift, self.shift), frng.uniform(-self.shift, self.shift)) if self.shift else (0.0, 0.0)
+            im = framed(im, zoom, cx, cy, shift)
         hr = hr_target(_jittered(im, self.jitter, rng), self.scale)
         lr = degradations.apply(hr, self.degradation_at(key))  # bicubic: the same bytes as `degrade`
         size = hr.size[0]

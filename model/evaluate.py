@@ -90,8 +90,8 @@ def summary_markdown(summary: dict[str, Any], title: str) -> str:
         lines += ["", f"Inputs degraded with preset `{summary['degradation']}` (model.degradations), seeded per face "
                       f"by (seed {summary['seed']}, face index); each face's parameters are in summary.json."]
     if summary.get("framings"):
-        lines += ["", "Framings (centre zoom; > 1 closer, < 1 farther):", "",
-                  "| zoom | bicubic PSNR Y | SR PSNR Y | gain | SR PSNR Y full |", "|---:|---:|---:|---:|---:|"]
+        lines += ["", "Framings (centre zoom, > 1 closer, < 1 farther; dy: face moved down by that part of the side):", "",
+                  "| framing | bicubic PSNR Y | SR PSNR Y | gain | SR PSNR Y full |", "|---:|---:|---:|---:|---:|"]
         for z, f in summary["framings"].items():
             lines.append(f"| {z} | {f['bicubic']['psnr_y']:.3f} | {f['sr']['psnr_y']:.3f} | "
                          f"{f['sr']['psnr_y'] - f['bicubic']['psnr_y']:+.3f} | {f['sr']['psnr_y_full']:.3f} |")
@@ -120,13 +120,17 @@ def evaluate(
     zooms: tuple[float, ...] = (),
     allow_enlarged: bool = False,
     identity: bool | None = None,
+    shifts: tuple[float, ...] = (),
 ) -> tuple[Path, dict[str, Any]]:
     """Evaluate a checkpoint on a manifest; writes per_image.csv, summary.json, summary.md.
 
     degradation: how each 16 px input is made (`model.degradations` preset), seeded per face by
         (seed, face index): reproducible; recorded in summary.json with each face's parameters.
     zooms: also score at these centre framings (zoom > 1 closer, < 1 farther; `data.framed`):
-        a model that only works at its training framing shows it here. summary["framings"].
+        a model that only works at its training framing shows it here. summary["framings"], keyed by zoom.
+    shifts: also score with every face moved down by these fractions of the side (zoom 1): the standard
+        aligned CelebA test crops hold faces ~0.075 lower than `refbuild detect --aligned` crops (DESIGN.md
+        "Framing"). summary["framings"], keyed "dy+0.075".
     report=True also writes `report/index.html` with its pictures (see model.report).
     allow_enlarged: score HR targets refbuild enlarged (`model.checks`; refused otherwise, as a stale
         manifest or one paired for another scale always is); summary["hr_enlarged"] counts them.
@@ -180,12 +184,13 @@ def evaluate(
     summary["degradation"] = degradation
     if degradation != "bicubic":
         summary["degradation_params"] = {r.face_id: ds.degradation_at(i).to_json() for i, r in enumerate(ds.rows)}
-    if zooms:
+    framings = [(f"{z:g}", {"zoom": z}) for z in zooms] + [(f"dy{d:+g}", {"offset": d}) for d in shifts]
+    if framings:
         summary["framings"] = {}
-        for z in zooms:
-            zds = ManifestDataset(manifest, model.scale, k, refs, data_root, seed=seed, degradation=degradation, zoom=z)
+        for name, how in framings:
+            zds = ManifestDataset(manifest, model.scale, k, refs, data_root, seed=seed, degradation=degradation, **how)
             zs = evaluate_dataset(model, zds, dev, batch_size)[1]
-            summary["framings"][f"{z:g}"] = {"sr": zs["sr"], "bicubic": zs["bicubic"]}
+            summary["framings"][name] = {"sr": zs["sr"], "bicubic": zs["bicubic"]}
     summary["hr_enlarged"] = enlarged.n if enlarged.known else None  # None: the library records no source sizes
     summary.update({"checkpoint": str(Path(checkpoint).resolve()), "manifest": str(Path(manifest).resolve()),
                     "model": ck.meta["model"], "use_ema": use_ema, "device": str(dev), "provenance": provenance()})

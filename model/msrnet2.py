@@ -10,7 +10,9 @@ identities, fused coarse to fine) and changes how it is done:
            features of each reference degraded the same way (Ref -> 16x16), as
            TTSR matches LR-up against Ref-down-up; a key encoder of its own.
   search   local: aligned faces, so each LR cell searches a `window` x `window`
-           neighbourhood around its own position in every reference.
+           neighbourhood around its own position in every reference; with
+           `phases` p > 1 also in copies of each reference moved by a fraction
+           1/p of a cell (sub-cell alignment: `msrnet2_align_x8`).
   transfer soft attention over all m references' candidates plus a learned
            "null" slot (attend to nothing), so no reference, a padded reference
            and a useless one are the same, in-distribution case.
@@ -35,7 +37,7 @@ import torch.nn.functional as F
 from .msrnet import LR_SIZE, ResBlock, conv3x3, res_group
 from .registry import register_model
 
-__all__ = ["MSRNet2", "RefAttention", "GatedFusion", "local_attention_weights", "local_aggregate"]
+__all__ = ["MSRNet2", "RefAttention", "GatedFusion", "local_attention_weights", "local_aggregate", "subcell_copies"]
 
 
 class Up2(nn.Module):
@@ -119,6 +121,30 @@ def local_aggregate(weights: torch.Tensor, index: torch.Tensor, v: torch.Tensor,
     return F.pixel_shuffle(out, f) if f > 1 else out  # B, C, h*f, w*f
 
 
+def subcell_copies(refs: torch.Tensor, phases: int, cell: int) -> torch.Tensor:
+    """Each reference and its copies moved by fractions of a cell, so that whole-cell transfer can
+    still land within cell / (2 * phases) px of where a misaligned reference's detail belongs.
+
+    Args:
+        refs: B, M, C, S, S references.
+        phases: p; copies at offsets (i, j) * cell / p px, i, j in 0..p-1 (p = 1: refs as they are).
+        cell: the grid's cell side in reference pixels (S / 16); cell / p must be whole pixels.
+    Returns:
+        B, M * p * p, C, S, S: copy (m, i, j) at index m * p * p + i * p + j shows reference m
+        at x + (j, i) * cell / p (edges repeated).
+    """
+    if phases == 1:
+        return refs
+    step = cell // phases
+    if step * phases != cell:
+        raise ValueError(f"a cell of {cell} px cannot be cut into {phases} whole-pixel phases")
+    B, M, C, S, _ = refs.shape
+    flat = refs.reshape(B * M, C, S, S)
+    pad = F.pad(flat, (0, cell, 0, cell), mode="replicate")  # B*M, C, S + cell, S + cell
+    copies = [pad[..., i * step : i * step + S, j * step : j * step + S] for i in range(phases) for j in range(phases)]
+    return torch.stack(copies, dim=1).reshape(B, M * phases * phases, C, S, S)
+
+
 class KeyEncoder(nn.Module):
     """Matching descriptors of a 16x16 image (the LR, or a reference degraded to 16x16)."""
 
@@ -171,15 +197,18 @@ class RefAttention(nn.Module):
         value_dims: value channels per level, coarsest first.
         window: search window side on the 16x16 grid (5: +-2 cells = +-16 px at 128).
         topk: candidates kept per cell over all references' windows (soft top-k attention).
+        phases: sub-cell alignment: every reference is also searched moved by 1/phases of a cell
+            along each axis (`subcell_copies`; phases^2 times the reference work). 1: whole cells.
+        logit_scale: initial attention temperature (higher: sharper attention).
     """
 
     def __init__(self, in_chans: int, key_dim: int, key_blocks: int, value_dims: tuple[int, ...], window: int,
-                 topk: int):
+                 topk: int, phases: int = 1, logit_scale: float = 10.0):
         super().__init__()
-        self.window, self.topk = window, topk
+        self.window, self.topk, self.phases = window, topk, phases
         self.keys = KeyEncoder(in_chans, key_dim, key_blocks)
         self.values = ValueEncoder(in_chans, value_dims)
-        self.logit_scale = nn.Parameter(torch.tensor(10.0))
+        self.logit_scale = nn.Parameter(torch.tensor(float(logit_scale)))
         self.null_logit = nn.Parameter(torch.tensor(5.0))
 
     def forward(
@@ -189,8 +218,11 @@ class RefAttention(nn.Module):
 
         conf = 1 - weight of the null slot: how much of each cell comes from references.
         """
-        B, M = refs.shape[:2]
         h, w = lr.shape[-2:]
+        if self.phases > 1:  # B, M*p*p, 3, S, S: each reference and its sub-cell moved copies
+            refs = subcell_copies(refs, self.phases, refs.shape[-1] // w)
+            mask = mask.repeat_interleave(self.phases**2, dim=1) if mask is not None else None
+        B, M = refs.shape[:2]
         flat = refs.flatten(0, 1)  # B*M, 3, S, S
         ref_lr = F.interpolate(flat, size=(h, w), mode="bicubic", align_corners=False, antialias=True)  # B*M, 3, h, w
         q = self.keys(lr)  # B, D, h, w
@@ -234,6 +266,8 @@ class MSRNet2(nn.Module):
         key_blocks: residual blocks of the key encoder.
         window: attention window side on the 16x16 grid.
         topk: attention candidates per cell.
+        phases: sub-cell alignment of the references (`RefAttention`); 1: whole cells, as shipped.
+        logit_scale: initial attention temperature.
         use_refs: False builds the reference-free twin (same decoder, no attention, no fusion).
     """
 
@@ -248,6 +282,8 @@ class MSRNet2(nn.Module):
         key_blocks: int = 2,
         window: int = 5,
         topk: int = 8,
+        phases: int = 1,
+        logit_scale: float = 10.0,
         use_refs: bool = True,
     ):
         super().__init__()
@@ -263,7 +299,8 @@ class MSRNet2(nn.Module):
         self.head = conv3x3(in_chans, dims[0])
         self.bodies = nn.ModuleList([res_group(d, n) for d, n in zip(dims, blocks)])
         self.ups = nn.ModuleList([Up2(a, b) for a, b in zip(dims[:-1], dims[1:])])
-        self.attn = RefAttention(in_chans, key_dim, key_blocks, tuple(value_dims), window, topk) if use_refs else None
+        self.attn = (RefAttention(in_chans, key_dim, key_blocks, tuple(value_dims), window, topk, phases, logit_scale)
+                     if use_refs else None)
         self.fusions = nn.ModuleList([GatedFusion(d, v) for d, v in zip(dims, value_dims)]) if use_refs else None
         self.tail = conv3x3(dims[-1], in_chans)
         with torch.no_grad():  # an untrained model starts near its bicubic base
@@ -349,6 +386,19 @@ def msrnet2_x8(**kwargs: Any) -> MSRNet2:
 def msrnet2_x16(**kwargs: Any) -> MSRNet2:
     """Reworked reference path, CPU width, one decoder. 16 -> 256."""
     return _create("msrnet2_x16", 16, _LEVELS[16], **kwargs)
+
+
+@register_model
+def msrnet2_align_x8(**kwargs: Any) -> MSRNet2:
+    """msrnet2_x8 with sub-cell alignment (references also searched moved by half a cell, 4 px) and a
+    sharper initial attention (logit scale 30): for references that hold real but misaligned detail."""
+    return _create("msrnet2_align_x8", 8, {**_LEVELS[8], "phases": 2, "logit_scale": 30.0}, **kwargs)
+
+
+@register_model
+def msrnet2_align_tiny_x8(**kwargs: Any) -> MSRNet2:
+    """msrnet2_tiny_x8 with sub-cell alignment: for tests."""
+    return _create("msrnet2_align_tiny_x8", 8, {**_TINY[8], "phases": 2, "logit_scale": 30.0}, **kwargs)
 
 
 @register_model

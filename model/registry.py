@@ -38,3 +38,17 @@ def create_model(name: str, **kwargs) -> nn.Module:
     if name not in _MODELS:
         raise MsrError(f"unknown model {name!r}; choose one of: {', '.join(sorted(_MODELS))}")
     return _MODELS[name](**kwargs)
+
+
+def model_cost(name: str, num_refs: int = 4) -> dict[str, float]:
+    """Parameters and forward FLOPs per sample of a registered variant (torch FlopCounterMode:
+    2 x multiply-adds of conv/matmul), with `num_refs` references where the model takes them."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = create_model(name).eval()
+    lr = torch.rand(1, 3, 16, 16)
+    refs = torch.rand(1, num_refs, 3, model.out_size, model.out_size)
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        model(lr, refs, torch.ones(1, num_refs, dtype=torch.bool))
+    return {"params": sum(p.numel() for p in model.parameters()), "flops": float(fc.get_total_flops())}

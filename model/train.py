@@ -45,6 +45,7 @@ class TrainConfig:
     jitter: float = 0.0  # framing jitter of HR and references (see ManifestDataset)
     degradation: str = "bicubic"  # how the LR is made: bicubic (the paper's) | real (model.degradations)
     framing: tuple[float, float] | None = None  # HR zoom range, e.g. (0.9, 1.3): framings the test crops may have
+    shift: float = 0.0  # the face moved by U(-shift, shift) of the side along each axis (framing; ManifestDataset)
     init_from: Path | None = None  # start from these weights (a shipped .safetensors or a run's), not at random
     id_loss_weight: float = 0.0  # weight of the identity loss (the frozen recogniser; model.losses.IdentityLoss)
     use_swin: bool = True
@@ -222,7 +223,8 @@ def _train_locked(cfg: TrainConfig, info: distributed.DistInfo, device: torch.de
     model_kwargs = cfg.model_kwargs
     model = create_model(cfg.model, **model_kwargs).to(device, memory_format=torch.channels_last)  # faster convs, CPU too
     ds = ManifestDataset(cfg.manifest, model.scale, cfg.num_refs, cfg.refs, cfg.data_root, cfg.flip, cfg.seed,
-                         jitter=cfg.jitter, degradation=cfg.degradation, framing=cfg.framing)
+                         jitter=cfg.jitter, degradation=cfg.degradation, framing=cfg.framing,
+                         shift=cfg.shift)
     from .checks import check_manifest
 
     for path in (cfg.manifest, cfg.val_manifest):  # stale or misplaced, another scale's references, enlarged HR

@@ -33,26 +33,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from model.registry import model_cost
+
 DEFAULT_METHODS = ("sparnet_x8", "swinir_light_x8", "msrnet2_noref_x8", "msrnet2_x8")
 TINY_METHODS = ("sparnet_tiny_x8", "swinir_tiny_x8", "msrnet2_noref_tiny_x8", "msrnet2_tiny_x8")
 REPORTED = ("psnr_y", "ssim_y", "psnr_y_full", "ssim_y_full")
 NOT_INCLUDED = {
     "FSRGAN / FSRNet": "needs facial landmark heatmaps and parsing maps as training priors; the project has neither",
 }
-
-
-def model_cost(name: str, num_refs: int) -> dict[str, float]:
-    """Parameters and forward FLOPs per sample (torch FlopCounterMode: 2 x multiply-adds of conv/matmul)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from model import create_model
-
-    model = create_model(name).eval()
-    lr = torch.rand(1, 3, 16, 16)
-    refs = torch.rand(1, num_refs, 3, model.out_size, model.out_size)
-    with torch.no_grad(), FlopCounterMode(display=False) as fc:
-        model(lr, refs, torch.ones(1, num_refs, dtype=torch.bool))
-    return {"params": sum(p.numel() for p in model.parameters()), "flops": float(fc.get_total_flops())}
 
 
 def train_speed(name: str, batch_size: int, num_refs: int, steps: int = 3, seed: int = 0) -> float:

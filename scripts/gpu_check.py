@@ -10,7 +10,7 @@
    CUDA (bf16), then `model eval` on the test split with matched and no references.
 
 `--mode train` (`make gpu-train`) is the ten-minute window's job: the library, then the
-best recipe (`msrnet2_x8` with framing augmentation, `--degradation` bicubic or real) trained
+best recipe (`msrnet2_x8` with framing augmentation (zoom and shift), `--degradation` bicubic or real) trained
 from scratch on CUDA in bf16 for `--train-steps` steps of batch `--batch-size`, evaluated on the
 test split (clean and camera-degraded inputs, three framings), exported to
 `OUT/msrnet2_x8[_real].safetensors` with `OUT/MODEL_CARD.md`: one folder ready to commit.
@@ -75,14 +75,14 @@ def train_plan(a: argparse.Namespace, man: Path) -> list[tuple[str, list[str]]]:
     py, out, run = sys.executable, a.out, a.out / "runs" / "x8"
     steps = [("train", [py, "-m", "model", "train", "--manifest", str(man / "train.parquet"), "--model", "msrnet2_x8",
                         "--num-refs", "4", "--ref-dropout", "0.5", "--jitter", "0.1", "--framing", "0.9,1.25",
-                        "--degradation", a.degradation, "--steps", str(a.train_steps), "--batch-size", str(a.batch_size),
+                        "--shift", "0.08", "--degradation", a.degradation, "--steps", str(a.train_steps), "--batch-size", str(a.batch_size),
                         "--lr", "5e-4", "--warmup-steps", "200", "--ema-decay", "0.999", "--ckpt-every", "1000",
                         "--workers", "8", "--device", "cuda", "--precision", "bf16", "--allow-enlarged",
                         "--runs-dir", str(out / "runs"), "--name", "x8"])]
     for deg in ("bicubic", "camera"):
         steps.append((f"eval_{deg}", [py, "-m", "model", "eval", "--checkpoint", str(run / "last.safetensors"),
                                       "--manifest", str(man / "test.parquet"), "--degradation", deg,
-                                      "--zooms", "0.9,1.15,1.3", "--out", str(out / f"eval_{deg}"), "--device", "cuda", "--allow-enlarged"]))
+                                      "--zooms", "0.9,1.15,1.3", "--shifts", "0.075", "--out", str(out / f"eval_{deg}"), "--device", "cuda", "--allow-enlarged"]))
     steps.append(("export", [py, "-m", "model", "export", "--checkpoint", str(run / "last.safetensors"),
                              "--out", str(out / f"{weights_name(a)}.safetensors")]))
     return steps

@@ -10,8 +10,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
-STAGES = ("detect", "embed", "pair", "matching", "train", "infer")
-NEEDS_FACES = {"detect", "embed", "infer"}  # skipped, with a reason, where the real photos are absent
+STAGES = ("detect", "embed", "pair", "matching", "train", "infer", "quality")
+NEEDS_FACES = {"detect", "embed", "infer", "quality"}  # skipped, with a reason, where the real photos (or a library) are absent
 
 
 @pytest.mark.slow
@@ -27,6 +27,12 @@ def test_bench_quick_writes_every_stage(tmp_path):
     for name, st in by.items():
         if st["skipped"]:
             assert name in NEEDS_FACES and "not found" in st["skipped"], f"{name}: {st['skipped']}"
+            continue
+        if name == "quality":  # a table of methods, not ours-vs-baseline
+            rows = {p["method"]: p for p in st["points"]}
+            assert {"msrnet2_x8", "msrnet2_noref_x8", "sparnet_x8", "swinir_light_x8"} <= set(rows), set(rows)
+            assert all(p["faces_per_s"] > 0 for p in st["points"] if p["method"] != "bicubic")
+            assert rows["msrnet2_x8"]["psnr_y"] > rows["bicubic"]["psnr_y"]
             continue
         assert isinstance(st["ratio"], float) and st["ratio"] > 0, name
         assert st["same_answer"] is True, f"{name}: ours and the baseline disagree: {st['notes']}"

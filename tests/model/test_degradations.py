@@ -121,6 +121,14 @@ def test_dataset_framing_changes_only_the_hr_framing(synthetic_manifest):
     assert (a["refs"] == b["refs"]).all()
     with pytest.raises(Exception, match="framing"):
         ManifestDataset(synthetic_manifest, scale=4, num_refs=1, framing=(1.3, 1.2))
+    shifted = ManifestDataset(synthetic_manifest, scale=4, num_refs=1, shift=0.1)  # training: a random move per sample
+    lower = ManifestDataset(synthetic_manifest, scale=4, num_refs=1, offset=0.075)  # evaluation: every face lower
+    assert not (a["hr"] == shifted[0]["hr"]).all() and (a["refs"] == shifted[0]["refs"]).all()
+    assert not (a["hr"] == lower[0]["hr"]).all() and (lower[0]["hr"] == lower[0]["hr"]).all()
+    with_zoom = ManifestDataset(synthetic_manifest, scale=4, num_refs=1, framing=(1.2, 1.3), shift=0.1)
+    assert not (with_zoom[0]["hr"] == b["hr"]).all()  # the shift moves a zoomed framing too
+    with pytest.raises(Exception, match="shift"):
+        ManifestDataset(synthetic_manifest, scale=4, num_refs=1, shift=0.4)
 
 
 def test_train_init_from_starts_at_those_weights_and_refuses_another_model(synthetic_manifest, tmp_path):
@@ -157,3 +165,15 @@ def test_train_with_identity_loss_runs_and_records_it(synthetic_manifest, tmp_pa
                             degradation="real", framing=(0.9, 1.2)))
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["id_loss_weight"] == 0.5 and cfg["degradation"] == "real" and cfg["framing"] == [0.9, 1.2]
+
+
+def test_framed_shift_moves_the_face_and_mirrors_the_edge():
+    im = _face(128)
+    a = np.asarray(im)
+    down = np.asarray(framed(im, 1.0, shift=(0.0, 0.1)))  # the face 13 px lower
+    assert down.shape == a.shape
+    assert (down[13:] == a[:115]).all()
+    assert (down[:13] == a[:13][::-1]).all()  # the band above is the photo's top edge, mirrored
+    right = np.asarray(framed(im, 1.0, shift=(0.1, 0.0)))
+    assert (right[:, 13:] == a[:, :115]).all()
+    assert (np.asarray(framed(im, 1.0, shift=(0.0, -0.1)))[:115] == a[13:]).all()

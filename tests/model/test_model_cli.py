@@ -98,6 +98,22 @@ def test_train_then_eval_then_infer(trained, synthetic_manifest, tmp_path):
     assert len(outs) == 2 and Image.open(outs[0]).size == (64, 64)
 
 
+def test_eval_scores_other_framings(trained, synthetic_manifest, tmp_path):
+    """`--zooms` and `--shifts` score the same faces re-framed; each framing its own row in JSON and Markdown."""
+    import json
+
+    r = _invoke("eval", "--checkpoint", trained / "last.safetensors", "--manifest", synthetic_manifest, "--no-identity",
+                "--out", tmp_path / "ev", "--num-refs", "1", "--zooms", "1.15", "--shifts", "0.075,-0.05")
+    assert r.exit_code == 0, r.output
+    s = json.loads((tmp_path / "ev" / "summary.json").read_text())
+    assert list(s["framings"]) == ["1.15", "dy+0.075", "dy-0.05"]
+    assert s["framings"]["dy+0.075"]["bicubic"]["psnr_y"] != s["bicubic"]["psnr_y"]  # other pixels were scored
+    md = (tmp_path / "ev" / "summary.md").read_text()
+    assert "| dy+0.075 |" in md and "| 1.15 |" in md
+    _one_line_error(_invoke("eval", "--checkpoint", trained / "last.safetensors", "--manifest", synthetic_manifest,
+                            "--shifts", "0.4"), "offset")
+
+
 def test_infer_library_that_is_not_a_library(trained, tmp_path):
     from PIL import Image
 

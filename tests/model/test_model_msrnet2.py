@@ -9,7 +9,7 @@ from model import create_model, list_models
 from model import msrnet2
 from model.msrnet2 import local_aggregate, local_attention_weights
 
-TINY = list_models("msrnet2_tiny_*")
+TINY = list_models("msrnet2_tiny_*") + ["msrnet2_align_tiny_x8"]
 
 
 def _inputs(model, b: int, m: int, seed: int = 0):
@@ -130,3 +130,50 @@ def test_dead_transfer_fails_the_detail_check(monkeypatch):
     monkeypatch.setattr(msrnet2, "local_aggregate", lambda w, i, v, f: torch.zeros(
         v.shape[0], v.shape[2], v.shape[3], v.shape[4], dtype=v.dtype))
     assert _oracle_gain() < 1.0
+
+
+class _PatchKeys(torch.nn.Module):
+    """Keys that tell every texture patch apart (an untrained key encoder's are all nearly parallel)."""
+
+    def forward(self, x):
+        p = F.unfold(x, 3, padding=1)  # B, 27, 256
+        return F.normalize(p - p.mean(1, keepdim=True), dim=1).reshape(x.shape[0], 27, *x.shape[-2:])
+
+
+def _hard_transfer(model, lr, ref):
+    """The reference path's transferred features with (near) hard attention and no null slot."""
+    model.attn.keys = _PatchKeys()
+    with torch.no_grad():
+        model.attn.logit_scale.fill_(1e4)
+        model.attn.null_logit.fill_(-1e4)
+        return model.attn(lr, ref[:, None], None)[0]
+
+
+@pytest.mark.parametrize("phases, aligned", [(2, True), (1, False)])
+def test_subcell_alignment_recovers_a_half_cell_shift(phases, aligned):
+    """A reference that is the HR moved by half a cell (4 px at x8): with sub-cell copies the transfer
+    finds the HR's own blocks again (the same features as from the unmoved HR, inside the face);
+    whole-cell transfer (phases 1, alignment removed) cannot, and this test then fails."""
+    torch.manual_seed(0)
+    model = create_model("msrnet2_align_tiny_x8").eval()
+    model.attn.phases = phases
+    g = torch.Generator().manual_seed(3)
+    hr = F.interpolate(torch.rand(1, 3, 32, 32, generator=g), size=128, mode="bilinear", align_corners=False)
+    lr = F.interpolate(hr, size=16, mode="bicubic", antialias=True, align_corners=False)
+    moved = F.pad(hr, (4, 0, 4, 0), mode="replicate")[..., :128, :128]  # content 4 px right and down
+    same, off = _hard_transfer(model, lr, hr), _hard_transfer(model, lr, moved)
+    for level, (a, b) in enumerate(zip(same, off)):
+        f = 2**level
+        inner = (..., slice(6 * f, 10 * f), slice(6 * f, 10 * f))  # cells 6..9: away from every edge effect
+        assert torch.allclose(a[inner], b[inner], atol=1e-4) is aligned, level
+
+
+def test_subcell_copies_move_by_fractions_of_a_cell():
+    refs = torch.arange(2 * 16 * 16, dtype=torch.float32).reshape(1, 2, 1, 16, 16)
+    out = msrnet2.subcell_copies(refs, 2, 8)
+    assert out.shape == (1, 8, 1, 16, 16)
+    torch.testing.assert_close(out[:, 0], refs[:, 0])
+    torch.testing.assert_close(out[0, 3, 0, :12, :12], refs[0, 0, 0, 4:, 4:])  # copy (1, 1): 4 px on
+    torch.testing.assert_close(out[0, 5, 0, :, :12], refs[0, 1, 0, :, 4:])  # reference 1, copy (0, 1)
+    with pytest.raises(ValueError, match="whole-pixel"):
+        msrnet2.subcell_copies(refs, 3, 8)
