@@ -36,13 +36,17 @@ def trained_checkpoints() -> dict[str, Path]:
     found = {p.stem: p for p in sorted((REPO / "weights").glob("*.safetensors"))}
     spec = os.environ.get("MSRFACE_BENCH_CHECKPOINTS", "")
     if spec and Path(spec).is_dir():
-        for run in sorted(Path(spec).glob("*_s*/last.safetensors")):
-            found.setdefault(run.parent.name.rsplit("_s", 1)[0], run)
+        runs = [r for r in Path(spec).glob("*_s*/last.safetensors") if r.parent.name.rsplit("_s", 1)[1].isdigit()]
+        if not runs:
+            raise Skip(f"MSRFACE_BENCH_CHECKPOINTS={spec}: no <model>_s<seed>/last.safetensors in it (the `runs` "
+                       "folder inside a pipelines.table1 --out)")
+        for run in sorted(runs, key=lambda r: (r.parent.name.rsplit("_s", 1)[0], int(r.parent.name.rsplit("_s", 1)[1]))):
+            found.setdefault(run.parent.name.rsplit("_s", 1)[0], run)  # the lowest seed of each
     elif spec:
         for item in filter(None, spec.split(";")):
             name, _, path = item.partition("=")
             if not Path(path).is_file():
-                raise SystemExit(f"MSRFACE_BENCH_CHECKPOINTS: {path}: no such checkpoint (for {name})")
+                raise Skip(f"MSRFACE_BENCH_CHECKPOINTS: {path}: no such checkpoint (for {name})")
             found[name] = Path(path)
     return found
 
@@ -91,7 +95,7 @@ def run(mode: str, repeats: int) -> Stage:
     bicubic = None
     for name, (model, path) in methods.items():
         arch = arch_of.get(name) or name
-        cost = model_cost(arch, 4)
+        cost = model_cost(model, 4)  # the checkpoint's own settings (model_kwargs), not the variant's defaults
         row = {"method": name, "architecture": arch, "params": cost["params"], "gflops": round(cost["flops"] / 1e9, 2),
                "faces_per_s": round(n / timings[name][0].median, 2), "checkpoint": str(path) if path else "none (untrained)"}
         if path is not None:
@@ -112,5 +116,4 @@ def run(mode: str, repeats: int) -> Stage:
                  f"median of {repeats} interleaved repeats; GFLOPs per face (torch FlopCounterMode, 4 references)",
                  "an architecture with checkpoint 'none (untrained)' had no trained weights on this machine "
                  "(MSRFACE_BENCH_CHECKPOINTS): its speed and size are measured, its PSNR is not"]
-    st.same_answer, st.met = None, None
     return st

@@ -69,7 +69,7 @@ def write_markdown(results: dict, path: Path, json_path: Path) -> None:
               f"Machine: {m['host']}, {m['cpu_count']} CPU cores, torch {m['torch']} ({m['torch_threads']} threads), "
               f"CUDA: {m['cuda'] or 'none'}; load average at start {', '.join(f'{x:.1f}' for x in m['load_avg_at_start'])}.",
               "Ratios measured side by side in one run hold across machines; absolute seconds do not.",
-              *[f"Stage `{k}` was rerun alone (`--only {k}`) and its record replaced: {v}" for k, v in results.get("reruns", {}).items()],
+              *[f"Stage `{k}` was rerun after this run and its record replaced: {v}" for k, v in results.get("reruns", {}).items()],
               "", *table(results), ""]
     for st in results["stages"]:
         if st.get("skipped"):

@@ -47,7 +47,8 @@ def machine() -> dict:
 
 
 def merged(into: Path, new: dict) -> dict:
-    """`into`'s record with the stages of `new` replacing its own (or added), each noted as a rerun."""
+    """`into`'s record with the stages of `new` replacing its own (or added), each noted as a rerun; a stage
+    that was skipped or crashed now keeps its earlier record (a failed rerun must not erase figures)."""
     try:
         old = json.loads(into.read_text())
     except (OSError, ValueError) as e:
@@ -57,12 +58,15 @@ def merged(into: Path, new: dict) -> dict:
     load = ", ".join(f"{x:.1f}" for x in new["machine"]["load_avg_at_start"])
     by = {st["stage"]: i for i, st in enumerate(old["stages"])}
     for st in new["stages"]:
+        if st.get("skipped") and st["stage"] in by:
+            print(f"[bench] {st['stage']}: skipped now ({st['skipped']}); its earlier record is kept", flush=True)
+            continue
         if st["stage"] in by:
             old["stages"][by[st["stage"]]] = st
         else:
             old["stages"].append(st)
-        old.setdefault("reruns", {})[st["stage"]] = (f"RERUN at {new['date']} on {new['machine']['host']} "
-                                                     f"(load average at start {load})")
+        old.setdefault("reruns", {})[st["stage"]] = (f"rerun at {new['date']} on {new['machine']['host']} "
+                                                     f"(load average at start {load}) with --merge-into")
     return old
 
 
@@ -109,13 +113,13 @@ def main(argv: list[str] | None = None) -> int:
             rec["wall_s"] = round(time.perf_counter() - t0, 1)
             results["stages"].append(rec)
             print(f"[bench] {stage}: " + (f"SKIPPED: {rec['skipped']}" if rec.get("skipped") else
-                  f"ratio {rec['ratio']}x, same_answer {rec['same_answer']}, met {rec['met']}") + f" ({rec['wall_s']} s)", flush=True)
+                  (f"ratio {rec['ratio']}x, " if rec.get("ratio") is not None else "")
+                  + f"same_answer {rec['same_answer']}, met {rec['met']}") + f" ({rec['wall_s']} s)", flush=True)
     results["wall_s"] = round(time.perf_counter() - t_all, 1)
     name = f"{socket.gethostname()}-{now:%Y%m%d-%H%M%S}{'-quick' if mode == 'quick' else ''}.json"
     path = out_dir / name
     if a.merge_into:
         results, path = merged(a.merge_into, results), a.merge_into
-        md = a.md or REPO / "BENCHMARKS.md"
     tmp_path = path.with_suffix(".json.tmp")
     tmp_path.write_text(json.dumps(results, indent=1))
     tmp_path.replace(path)

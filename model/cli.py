@@ -124,8 +124,8 @@ def eval_cmd(
     from .evaluate import METRICS, evaluate
 
     where, summary = evaluate(checkpoint, manifest, out_dir, refs.value, num_refs, data_root, device,
-                              batch_size, not no_ema, report, seed, degradation.value, comma_floats(zooms, None, "--zooms") or (),
-                              allow_enlarged, identity, comma_floats(shifts, None, "--shifts") or ())
+                              batch_size, not no_ema, report, seed, degradation.value, comma_floats(zooms, None, "--zooms", (0.5, 2.0)) or (),
+                              allow_enlarged, identity, comma_floats(shifts, None, "--shifts", (-0.25, 0.25)) or ())
     t = Table(title=f"{summary['n']} faces ({summary.get('split')} split), x{summary['scale']}, refs {summary['refs']} "
                     f"chosen on the {summary.get('ref_view')} view, inputs {summary['degradation']}; bicubic MATLAB-style; *_full: MATLAB Y, no crop")
     t.add_column("method")

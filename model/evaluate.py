@@ -144,6 +144,10 @@ def evaluate(
     model = model_from_checkpoint(ck, use_ema).to(dev)
     k = num_refs if num_refs is not None else ck.meta.get("config", {}).get("num_refs", 4)
     ds = ManifestDataset(manifest, model.scale, k, refs, data_root, seed=seed, degradation=degradation)
+    framings = [(f"{z:g}", {"zoom": z}) for z in zooms] + [(f"dy{d:+g}", {"offset": d}) for d in shifts]
+    # built before any work, so a bad --zooms/--shifts value fails in one line, not after the main pass
+    framed_sets = {name: ManifestDataset(manifest, model.scale, k, refs, data_root, seed=seed,
+                                         degradation=degradation, **how) for name, how in framings}
     from .checks import check_manifest
 
     enlarged = check_manifest(Path(manifest), model.scale, f"the checkpoint ({ck.meta.get('model')})", data_root,
@@ -184,11 +188,9 @@ def evaluate(
     summary["degradation"] = degradation
     if degradation != "bicubic":
         summary["degradation_params"] = {r.face_id: ds.degradation_at(i).to_json() for i, r in enumerate(ds.rows)}
-    framings = [(f"{z:g}", {"zoom": z}) for z in zooms] + [(f"dy{d:+g}", {"offset": d}) for d in shifts]
-    if framings:
+    if framed_sets:
         summary["framings"] = {}
-        for name, how in framings:
-            zds = ManifestDataset(manifest, model.scale, k, refs, data_root, seed=seed, degradation=degradation, **how)
+        for name, zds in framed_sets.items():
             zs = evaluate_dataset(model, zds, dev, batch_size)[1]
             summary["framings"][name] = {"sr": zs["sr"], "bicubic": zs["bicubic"]}
     summary["hr_enlarged"] = enlarged.n if enlarged.known else None  # None: the library records no source sizes

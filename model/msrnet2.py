@@ -396,9 +396,9 @@ def msrnet2_align_x8(**kwargs: Any) -> MSRNet2:
 
 
 @register_model
-def msrnet2_align_tiny_x8(**kwargs: Any) -> MSRNet2:
+def msrnet2_tiny_align_x8(**kwargs: Any) -> MSRNet2:
     """msrnet2_tiny_x8 with sub-cell alignment: for tests."""
-    return _create("msrnet2_align_tiny_x8", 8, {**_TINY[8], "phases": 2, "logit_scale": 30.0}, **kwargs)
+    return _create("msrnet2_tiny_align_x8", 8, {**_TINY[8], "phases": 2, "logit_scale": 30.0}, **kwargs)
 
 
 @register_model

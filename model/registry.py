@@ -1,4 +1,5 @@
-"""A small timm-style model registry: `register_model`, `create_model`, `list_models`.
+"""A small timm-style model registry: `register_model`, `create_model`, `list_models`, and `model_cost`
+(parameters and FLOPs of a variant, for Table 1 and the quality bench).
 
 As timm's: the model files import this module and register their variants on import;
 this module imports no model file (the package, `model/__init__.py`, imports them all).
@@ -40,15 +41,17 @@ def create_model(name: str, **kwargs) -> nn.Module:
     return _MODELS[name](**kwargs)
 
 
-def model_cost(name: str, num_refs: int = 4) -> dict[str, float]:
-    """Parameters and forward FLOPs per sample of a registered variant (torch FlopCounterMode:
-    2 x multiply-adds of conv/matmul), with `num_refs` references where the model takes them."""
+def model_cost(model: str | nn.Module, num_refs: int = 4) -> dict[str, float]:
+    """Parameters and forward FLOPs per sample of a model, or of a registered variant by name with its
+    default settings (torch FlopCounterMode: 2 x multiply-adds of conv/matmul), with `num_refs`
+    references where the model takes them. Pass the built model when it was made with other kwargs."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    model = create_model(name).eval()
-    lr = torch.rand(1, 3, 16, 16)
-    refs = torch.rand(1, num_refs, 3, model.out_size, model.out_size)
+    model = (create_model(model) if isinstance(model, str) else model).eval()
+    p = next(model.parameters())
+    lr = torch.rand(1, 3, 16, 16, device=p.device)
+    refs = torch.rand(1, num_refs, 3, model.out_size, model.out_size, device=p.device)
     with torch.no_grad(), FlopCounterMode(display=False) as fc:
-        model(lr, refs, torch.ones(1, num_refs, dtype=torch.bool))
+        model(lr, refs, torch.ones(1, num_refs, dtype=torch.bool, device=p.device))
     return {"params": sum(p.numel() for p in model.parameters()), "flops": float(fc.get_total_flops())}

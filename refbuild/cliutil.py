@@ -99,8 +99,10 @@ def run_app(app: typer.Typer, prog: str) -> None:
     sys.exit(rc if isinstance(rc, int) else 0)
 
 
-def comma_floats(text: str | None, n: int | None, opt: str) -> tuple[float, ...] | None:
-    """'0.9,1.3' -> (0.9, 1.3) for option `opt` (exactly `n` numbers when n is given); None stays None.
+def comma_floats(text: str | None, n: int | None, opt: str,
+                 within: tuple[float, float] | None = None) -> tuple[float, ...] | None:
+    """'0.9,1.3' -> (0.9, 1.3) for option `opt` (exactly `n` numbers when n is given, each in the closed
+    range `within` when given); None stays None.
 
     Raises:
         typer.BadParameter: naming the option and what it takes (a usage error, exit code 2).
@@ -113,4 +115,6 @@ def comma_floats(text: str | None, n: int | None, opt: str) -> tuple[float, ...]
         raise typer.BadParameter(f"{opt} takes comma-separated numbers, got {text!r}") from None
     if n is not None and len(vals) != n:
         raise typer.BadParameter(f"{opt} takes {n} comma-separated numbers, got {text!r}")
+    if within is not None and not all(within[0] <= v <= within[1] for v in vals):
+        raise typer.BadParameter(f"{opt} values must be in [{within[0]:g}, {within[1]:g}], got {text!r}")
     return vals

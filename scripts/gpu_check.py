@@ -12,7 +12,7 @@
 `--mode train` (`make gpu-train`) is the ten-minute window's job: the library, then the
 best recipe (`msrnet2_x8` with framing augmentation (zoom and shift), `--degradation` bicubic or real) trained
 from scratch on CUDA in bf16 for `--train-steps` steps of batch `--batch-size`, evaluated on the
-test split (clean and camera-degraded inputs, three framings), exported to
+test split (clean and camera-degraded inputs, centred, three zooms and one shift), exported to
 `OUT/msrnet2_x8[_real].safetensors` with `OUT/MODEL_CARD.md`: one folder ready to commit.
 
 Each step's output and a `summary.json` (wall seconds, exit codes, figures) go to
@@ -93,7 +93,7 @@ def model_card(a: argparse.Namespace, summary: dict) -> str:
     lines = [f"## `{weights_name(a)}.safetensors`: x8, trained by `make gpu-train` on {summary['gpu']}", "",
              f"Recipe: scripts/gpu_check.py --mode train --degradation {a.degradation} --train-steps {a.train_steps} "
              f"--batch-size {a.batch_size} ({a.train_steps * a.batch_size:,} samples, bf16, from scratch).", "",
-             "| inputs | framing (zoom) | bicubic PSNR-Y | SR PSNR-Y | SR PSNR-Y literature |", "|---|---:|---:|---:|---:|"]
+             "| inputs | framing (zoom, or dy: face moved down) | bicubic PSNR-Y | SR PSNR-Y | SR PSNR-Y literature |", "|---|---:|---:|---:|---:|"]
     for deg in ("bicubic", "camera"):
         f = summary["steps"].get(f"eval_{deg}", {}).get("figures")
         if f:

@@ -39,3 +39,22 @@ def test_bench_quick_writes_every_stage(tmp_path):
         assert st["ours_timing"]["median_s"] > 0 and st["baseline_timing"]["median_s"] > 0, name
     md = (tmp_path / "BENCHMARKS.md").read_text()
     assert "QUICK RUN, NOT THE FIGURES" in md and "| stage |" in md
+
+
+def test_merge_replaces_stages_and_keeps_a_failed_rerun_out(tmp_path):
+    """`--merge-into`: a rerun stage replaces its record (noted as a rerun); a skipped one keeps the old figures."""
+    from benchmarks.run import merged
+
+    def rec(stage, **kw):
+        return {"stage": stage, "skipped": kw.get("skipped"), "points": kw.get("points", [])}
+
+    old = {"mode": "default", "date": "d0", "stages": [rec("train", points=[1]), rec("quality", points=[2])]}
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    new = {"mode": "default", "date": "d1", "machine": {"host": "h", "load_avg_at_start": [0.5, 0.5, 0.5]},
+           "stages": [rec("quality", points=[3]), rec("train", skipped="bench crashed (exit 1)"), rec("infer", points=[4])]}
+    m = merged(tmp_path / "old.json", new)
+    by = {s["stage"]: s for s in m["stages"]}
+    assert by["quality"]["points"] == [3] and by["train"]["points"] == [1] and by["infer"]["points"] == [4]
+    assert set(m["reruns"]) == {"quality", "infer"}
+    with pytest.raises(SystemExit, match="it is a default run, this one quick"):
+        merged(tmp_path / "old.json", {**new, "mode": "quick"})

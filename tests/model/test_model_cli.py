@@ -110,8 +110,10 @@ def test_eval_scores_other_framings(trained, synthetic_manifest, tmp_path):
     assert s["framings"]["dy+0.075"]["bicubic"]["psnr_y"] != s["bicubic"]["psnr_y"]  # other pixels were scored
     md = (tmp_path / "ev" / "summary.md").read_text()
     assert "| dy+0.075 |" in md and "| 1.15 |" in md
-    _one_line_error(_invoke("eval", "--checkpoint", trained / "last.safetensors", "--manifest", synthetic_manifest,
-                            "--shifts", "0.4"), "offset")
+    r = _invoke("eval", "--checkpoint", trained / "last.safetensors", "--manifest", synthetic_manifest,
+                "--out", tmp_path / "bad", "--shifts", "0.4")  # refused before any work: nothing written
+    assert r.exit_code == 2 and "--shifts values must be in [-0.25, 0.25]" in r.output, r.output
+    assert not (tmp_path / "bad").exists()
 
 
 def test_infer_library_that_is_not_a_library(trained, tmp_path):

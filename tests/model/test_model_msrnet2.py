@@ -9,7 +9,7 @@ from model import create_model, list_models
 from model import msrnet2
 from model.msrnet2 import local_aggregate, local_attention_weights
 
-TINY = list_models("msrnet2_tiny_*") + ["msrnet2_align_tiny_x8"]
+TINY = list_models("msrnet2_tiny_*")  # the tiny alignment variant included
 
 
 def _inputs(model, b: int, m: int, seed: int = 0):
@@ -19,7 +19,8 @@ def _inputs(model, b: int, m: int, seed: int = 0):
 
 def test_variants_registered():
     names = list_models("msrnet2_*")
-    for n in ("msrnet2_x4", "msrnet2_x8", "msrnet2_x16", "msrnet2_noref_x8", "msrnet2_tiny_x8"):
+    for n in ("msrnet2_x4", "msrnet2_x8", "msrnet2_x16", "msrnet2_noref_x8", "msrnet2_tiny_x8", "msrnet2_align_x8",
+              "msrnet2_tiny_align_x8"):
         assert n in names
 
 
@@ -149,18 +150,23 @@ def _hard_transfer(model, lr, ref):
         return model.attn(lr, ref[:, None], None)[0]
 
 
+@pytest.mark.parametrize("direction", [1, -1])
 @pytest.mark.parametrize("phases, aligned", [(2, True), (1, False)])
-def test_subcell_alignment_recovers_a_half_cell_shift(phases, aligned):
-    """A reference that is the HR moved by half a cell (4 px at x8): with sub-cell copies the transfer
-    finds the HR's own blocks again (the same features as from the unmoved HR, inside the face);
-    whole-cell transfer (phases 1, alignment removed) cannot, and this test then fails."""
+def test_subcell_alignment_recovers_a_half_cell_shift(phases, aligned, direction):
+    """A reference that is the HR moved by half a cell (4 px at x8), either way: with sub-cell copies the
+    transfer finds the HR's own blocks again (the same features as from the unmoved HR, inside the face;
+    moved up-left, a copy plus a whole-cell step); whole-cell transfer (phases 1, alignment removed)
+    cannot, and this test then fails."""
     torch.manual_seed(0)
-    model = create_model("msrnet2_align_tiny_x8").eval()
+    model = create_model("msrnet2_tiny_align_x8").eval()
     model.attn.phases = phases
     g = torch.Generator().manual_seed(3)
     hr = F.interpolate(torch.rand(1, 3, 32, 32, generator=g), size=128, mode="bilinear", align_corners=False)
     lr = F.interpolate(hr, size=16, mode="bicubic", antialias=True, align_corners=False)
-    moved = F.pad(hr, (4, 0, 4, 0), mode="replicate")[..., :128, :128]  # content 4 px right and down
+    if direction > 0:
+        moved = F.pad(hr, (4, 0, 4, 0), mode="replicate")[..., :128, :128]  # content 4 px right and down
+    else:
+        moved = F.pad(hr, (0, 4, 0, 4), mode="replicate")[..., 4:, 4:]  # content 4 px left and up
     same, off = _hard_transfer(model, lr, hr), _hard_transfer(model, lr, moved)
     for level, (a, b) in enumerate(zip(same, off)):
         f = 2**level

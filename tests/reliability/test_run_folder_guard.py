@@ -150,6 +150,17 @@ def test_resume_refuses_changed_settings(manifest, halfway, tmp_path):
     record("run_folder_faults", "resume with changed settings")
 
 
+def test_resume_refuses_a_setting_newer_than_the_run(manifest, halfway, tmp_path):
+    """A run made before a setting existed (its config.json lacks the key) used that setting's default:
+    resuming with another value is a change like any other."""
+    run = _copy(halfway, tmp_path)
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg.pop("shift") == 0.0
+    (run / "config.json").write_text(json.dumps(cfg))
+    line = one_line(invoke(*_args(manifest, tmp_path / "runs", "r", 4), "--resume", "--shift", 0.05))
+    assert "shift 0.0 -> 0.05" in line, line
+
+
 def test_resume_allows_runtime_changes_and_explicit_setting_changes(manifest, halfway, tmp_path, caplog):
     run = _copy(halfway, tmp_path)
     # runtime-only: intervals, stop_after, workers, device are free to change
