@@ -239,10 +239,15 @@ def _train_locked(cfg: TrainConfig, info: distributed.DistInfo, device: torch.de
     step, best = 0, -math.inf  # higher is better: val PSNR-Y, else minus the mean training loss
     if cfg.init_from is not None and not cfg.resume:
         init = load_checkpoint(cfg.init_from)
-        if init.meta.get("model") != cfg.model or init.meta.get("model_kwargs", {}) != model_kwargs:
-            raise MsrError(f"{cfg.init_from}: holds {init.meta.get('model')} {init.meta.get('model_kwargs')}, "
-                           f"not {cfg.model} {model_kwargs}; pass --model {init.meta.get('model')}")
         section = "ema" if init.section("ema") else "model"
+        if init.meta.get("model") != cfg.model or init.meta.get("model_kwargs", {}) != model_kwargs:
+            # another variant with the very same parameters (msrnet2_x8 -> msrnet2_align_x8) may warm-start
+            theirs = {k: tuple(v.shape) for k, v in init.section(section).items()}
+            if theirs != {k: tuple(v.shape) for k, v in model.state_dict().items()}:
+                raise MsrError(f"{cfg.init_from}: holds {init.meta.get('model')} {init.meta.get('model_kwargs')}, "
+                               f"not {cfg.model} {model_kwargs}; pass --model {init.meta.get('model')}")
+            log.warning("%s: warm start from %s into %s (the same parameters, another variant)", cfg.init_from,
+                        init.meta.get("model"), cfg.model)
         load_weights(model, init.section(section), str(init.path), section + ".")
         if ema is not None:
             ema.module.load_state_dict(model.state_dict())

@@ -153,6 +153,11 @@ def test_train_init_from_starts_at_those_weights_and_refuses_another_model(synth
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)  # lr 0: still the init weights
     with pytest.raises(MsrError, match="not msrnet2_tiny_x8"):
         train(TrainConfig(name="c", init_from=first / "last.safetensors", **(base | {"model": "msrnet2_tiny_x8"})))
+    # another variant with the same parameters (sub-cell alignment adds none) warm-starts from it
+    x8 = train(TrainConfig(name="d", **(base | {"model": "msrnet2_tiny_x8"})))
+    aligned = train(TrainConfig(name="e", init_from=x8 / "last.safetensors", lr=0.0, **(base | {"model": "msrnet2_tiny_align_x8"})))
+    wa, wb = load_checkpoint(x8 / "last.safetensors").section("model"), load_checkpoint(aligned / "last.safetensors").section("model")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 def test_train_with_identity_loss_runs_and_records_it(synthetic_manifest, tmp_path):
