@@ -64,9 +64,13 @@ def run(mode: str, repeats: int) -> Stage:
     st = Stage("quality", "bicubic (MATLAB-style)", "each model on the test split", "PSNR-Y against faces/s")
     methods: dict[str, tuple[torch.nn.Module, Path | None]] = {}
     arch_of: dict[str, str] = {}
+    budget: dict[str, str] = {}  # training samples of the checkpoint's own run (+ what it started from)
     for name, path in trained_checkpoints().items():
         ck = load_checkpoint(path)
         methods[name], arch_of[name] = (model_from_checkpoint(ck), path), ck.meta["model"]
+        cfg = ck.meta.get("config") or {}
+        if isinstance(ck.meta.get("step"), int) and isinstance(cfg.get("batch_size"), int):
+            budget[name] = f"{ck.meta['step'] * cfg['batch_size']:,}" + (" + its --init-from's" if cfg.get("init_from") else "")
     for arch in ARCHS:
         if arch not in methods:
             torch.manual_seed(0)
@@ -97,7 +101,8 @@ def run(mode: str, repeats: int) -> Stage:
         arch = arch_of.get(name) or name
         cost = model_cost(model, 4)  # the checkpoint's own settings (model_kwargs), not the variant's defaults
         row = {"method": name, "architecture": arch, "params": cost["params"], "gflops": round(cost["flops"] / 1e9, 2),
-               "faces_per_s": round(n / timings[name][0].median, 2), "checkpoint": str(path) if path else "none (untrained)"}
+               "faces_per_s": round(n / timings[name][0].median, 2), "training_samples": budget.get(name, "-"),
+               "checkpoint": str(path) if path else "none (untrained)"}
         if path is not None:
             summary = evaluate_dataset(model, ds, dev)[1]
             bicubic = bicubic or summary["bicubic"]
@@ -108,12 +113,15 @@ def run(mode: str, repeats: int) -> Stage:
         st.points.append(row)
     if bicubic is not None:
         st.points.insert(0, {"method": "bicubic", "architecture": "-", "params": 0, "gflops": "-", "faces_per_s": "-",
-                             "checkpoint": "-", "psnr_y": round(bicubic["psnr_y"], 3),
+                             "training_samples": "-", "checkpoint": "-", "psnr_y": round(bicubic["psnr_y"], 3),
                              "psnr_y_literature": round(bicubic["psnr_y_full"], 3), "ssim_y": round(bicubic["ssim_y"], 4)})
     st.notes += [f"test manifest {manifest} ({len(ds)} faces scored, x8 = 16 -> 128, matched references m=4, clean "
                  "bicubic inputs); PSNR-Y with border crop 8, literature: MATLAB Y, no crop",
                  f"faces/s: forward only on {n} real test faces, device {dev}, batch {batch}, fp32, channels_last, "
                  f"median of {repeats} interleaved repeats; GFLOPs per face (torch FlopCounterMode, 4 references)",
                  "an architecture with checkpoint 'none (untrained)' had no trained weights on this machine "
-                 "(MSRFACE_BENCH_CHECKPOINTS): its speed and size are measured, its PSNR is not"]
+                 "(MSRFACE_BENCH_CHECKPOINTS): its speed and size are measured, its PSNR is not",
+                 "training_samples: steps x batch of the checkpoint's own run ('+ its --init-from's': it continued "
+                 "another checkpoint, weights/README.md gives the total); PSNR compares fairly only at equal "
+                 "samples (RESULTS.md section 6 trains every method at one budget)"]
     return st
