@@ -36,12 +36,16 @@ def trained_checkpoints() -> dict[str, Path]:
     found = {p.stem: p for p in sorted((REPO / "weights").glob("*.safetensors"))}
     spec = os.environ.get("MSRFACE_BENCH_CHECKPOINTS", "")
     if spec and Path(spec).is_dir():
-        runs = [r for r in Path(spec).glob("*_s*/last.safetensors") if r.parent.name.rsplit("_s", 1)[1].isdigit()]
+        runs = {}  # (model, seed) -> checkpoint
+        for run in Path(spec).glob("*_s*/last.safetensors"):
+            model, _, seed = run.parent.name.rpartition("_s")
+            if seed.isdigit():
+                runs[model, int(seed)] = run
         if not runs:
             raise Skip(f"MSRFACE_BENCH_CHECKPOINTS={spec}: no <model>_s<seed>/last.safetensors in it (the `runs` "
                        "folder inside a pipelines.table1 --out)")
-        for run in sorted(runs, key=lambda r: (r.parent.name.rsplit("_s", 1)[0], int(r.parent.name.rsplit("_s", 1)[1]))):
-            found.setdefault(run.parent.name.rsplit("_s", 1)[0], run)  # the lowest seed of each
+        for (model, _), run in sorted(runs.items()):
+            found.setdefault(model, run)  # the lowest seed of each
     elif spec:
         for item in filter(None, spec.split(";")):
             name, _, path = item.partition("=")

@@ -49,9 +49,9 @@ def model_cost(model: str | nn.Module, num_refs: int = 4) -> dict[str, float]:
     from torch.utils.flop_counter import FlopCounterMode
 
     model = (create_model(model) if isinstance(model, str) else model).eval()
-    p = next(model.parameters())
-    lr = torch.rand(1, 3, 16, 16, device=p.device)
-    refs = torch.rand(1, num_refs, 3, model.out_size, model.out_size, device=p.device)
+    dev = next(model.parameters()).device
+    lr = torch.rand(1, 3, 16, 16, device=dev)
+    refs = torch.rand(1, num_refs, 3, model.out_size, model.out_size, device=dev)
     with torch.no_grad(), FlopCounterMode(display=False) as fc:
-        model(lr, refs, torch.ones(1, num_refs, dtype=torch.bool, device=p.device))
+        model(lr, refs, torch.ones(1, num_refs, dtype=torch.bool, device=dev))
     return {"params": sum(p.numel() for p in model.parameters()), "flops": float(fc.get_total_flops())}

@@ -96,23 +96,24 @@ def settings(config: dict) -> dict:
 
 
 def _run_settings(run_dir: Path, ck) -> dict:
-    """The settings the run was made with: its config.json, else (missing or damaged) its checkpoint's."""
+    """The settings the run was made with: its config.json, else (missing or damaged) its checkpoint's; a
+    setting added since the run was made (absent from its config) is the default it then ran with."""
     try:
         old = json.loads((run_dir / "config.json").read_text())
     except (OSError, ValueError):
         old = None
     if not isinstance(old, dict):
         old = ck.meta.get("config")
-    return settings(old) if isinstance(old, dict) else {}
+    if not isinstance(old, dict):
+        return {}
+    defaults = {f.name: json.loads(json.dumps(f.default, default=str)) for f in dataclasses.fields(TrainConfig)
+                if f.default is not dataclasses.MISSING}
+    return settings({**defaults, **old})
 
 
 def check_resume_settings(cfg: TrainConfig, run_dir: Path, ck) -> None:
     """Refuse a --resume that changes a result-affecting setting, naming each old -> new, unless allowed."""
     old, new = _run_settings(run_dir, ck), settings(json.loads(json.dumps(cfg.to_json())))
-    # a setting the run's config lacks is one added since: the run used its default
-    defaults = {f.name: json.loads(json.dumps(f.default, default=str)) for f in dataclasses.fields(TrainConfig)
-                if f.default is not dataclasses.MISSING}
-    old = {**{k: v for k, v in defaults.items() if k in new and old}, **old}
     changed = ", ".join(f"{k} {old[k]} -> {new[k]}" for k in new if k in old and old[k] != new[k])
     if changed and not cfg.allow_changed_config:
         raise MsrError(f"{run_dir}: --resume with other settings than the run's ({changed}); rerun with the run's "
