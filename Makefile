@@ -32,7 +32,7 @@ gpu-check: $(STAMP)
 	$(BIN)/python scripts/gpu_check.py --out gpu_check
 
 # the shipped recipe trained on one GPU in ~8 min, evaluated, exported with its model card into gpu_train/
-# (DEGRADATION=real for the camera model; without CUDA: prints the plan, exits 0)
+# (DEGRADATION=real_mild for the camera model; without CUDA: prints the plan, exits 0)
 DEGRADATION ?= bicubic
 gpu-train: $(STAMP)
 	$(BIN)/python scripts/gpu_check.py --mode train --degradation $(DEGRADATION) --train-steps 6000 --budget-s 480 --out gpu_train

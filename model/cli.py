@@ -23,8 +23,8 @@ out = Console()
 ALLOW_ENLARGED_HELP = ("accept HR targets refbuild enlarged (cut from fewer source pixels than the model's output "
                       "side; refused otherwise), saying how many")
 RefMode = choices("RefMode", "matched", "random", "none", "oracle", "shuffled")  # model.data.REF_MODES (torch-free here)
-TrainDegradation = choices("TrainDegradation", "bicubic", "real")  # model.degradations presets for training
-EvalDegradation = choices("EvalDegradation", "bicubic", "real", "camera", "harsh")  # model.degradations.PRESETS
+TrainDegradation = choices("TrainDegradation", "bicubic", "real", "real_mild")  # model.degradations presets for training
+EvalDegradation = choices("EvalDegradation", "bicubic", "real", "real_mild", "camera", "harsh")  # model.degradations.PRESETS
 
 
 @app.callback()
@@ -57,7 +57,7 @@ def train(
     refs: Annotated[RefMode, typer.Option(help="matched (manifest), random (other identities), none, oracle (the HR itself) or shuffled")] = RefMode.matched,
     ref_dropout: Annotated[float, typer.Option(min=0.0, max=1.0, help="probability a sample keeps only 0..m-1 of its references")] = 0.0,
     jitter: Annotated[float, typer.Option(min=0.0, max=0.49, help="framing jitter of HR and references (fraction of the crop side)")] = 0.0,
-    degradation: Annotated[TrainDegradation, typer.Option(help="how the 16 px input is made: bicubic (the paper's, the benchmark's) or real (blur, resize kernels, noise, JPEG; docs/DESIGN.md)")] = TrainDegradation.bicubic,
+    degradation: Annotated[TrainDegradation, typer.Option(help="how the 16 px input is made: bicubic (the paper's, the benchmark's) real (blur, resize kernels, noise, JPEG; docs/DESIGN.md) or real_mild (the same, narrower, 30% clean)")] = TrainDegradation.bicubic,
     framing: Annotated[Optional[str], typer.Option(help="HR zoom range LO,HI, e.g. 0.9,1.3 (>1 closer, <1 farther): train for the framings test crops may have")] = None,
     shift: Annotated[float, typer.Option(min=0.0, max=0.25, help="move the face by up to this fraction of the side along each axis (framing; edges mirrored)")] = 0.0,
     init_from: Annotated[Optional[Path], typer.Option(help="start from these weights (e.g. weights/msrnet2_x8.safetensors) instead of random ones")] = None,

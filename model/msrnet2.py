@@ -396,6 +396,12 @@ def msrnet2_align_x8(**kwargs: Any) -> MSRNet2:
 
 
 @register_model
+def msrnet2_align4_x8(**kwargs: Any) -> MSRNet2:
+    """msrnet2_align_x8 at quarter cells (references also moved by 2, 4 and 6 px: 16 copies each)."""
+    return _create("msrnet2_align4_x8", 8, {**_LEVELS[8], "phases": 4, "logit_scale": 30.0}, **kwargs)
+
+
+@register_model
 def msrnet2_tiny_align_x8(**kwargs: Any) -> MSRNet2:
     """msrnet2_tiny_x8 with sub-cell alignment: for tests."""
     return _create("msrnet2_tiny_align_x8", 8, {**_TINY[8], "phases": 2, "logit_scale": 30.0}, **kwargs)

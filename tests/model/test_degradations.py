@@ -46,6 +46,19 @@ def test_real_draws_vary_and_cover_its_ranges():
     assert 0.08 < len(clean) / len(ds) < 0.3  # clean inputs stay in the training mix
 
 
+def test_real_mild_is_narrower_and_cleaner_than_real():
+    def stats(preset):
+        ds = [D.sample(preset, random.Random(k), 8) for k in range(600)]
+        clean = sum(d.first.blur is None and d.first.noise_sigma == 0 and d.first.jpeg_quality is None for d in ds)
+        blur = max(max(d.first.blur.sigma_x, d.first.blur.sigma_y) for d in ds if d.first.blur)
+        q = min(d.first.jpeg_quality for d in ds if d.first.jpeg_quality is not None)
+        return clean / len(ds), blur, max(d.first.noise_sigma for d in ds), q, sum(d.second is not None for d in ds)
+    mild, real = stats("real_mild"), stats("real")
+    assert 0.25 < mild[0] < 0.4 and mild[0] > real[0] + 0.1
+    assert mild[1] <= 0.6 < real[1] and mild[2] <= 15 < real[2] and mild[3] >= 35 > real[3] and mild[4] < real[4]
+    assert {d.preset for d in (D.sample("real_mild", random.Random(k), 8) for k in range(20))} == {"real_mild"}
+
+
 def test_camera_degrades_more_than_bicubic():
     hr = _face()
     bic = np.asarray(D.apply(hr, D.sample("bicubic", random.Random(0), 8)), dtype=float)
@@ -189,3 +202,10 @@ def test_framed_shift_moves_the_face_and_mirrors_the_edge():
     right = np.asarray(framed(im, 1.0, shift=(0.1, 0.0)))
     assert (right[:, 13:] == a[:, :115]).all()
     assert (np.asarray(framed(im, 1.0, shift=(0.0, -0.1)))[:115] == a[13:]).all()
+
+
+def test_cli_offers_every_preset():
+    from model.cli import EvalDegradation, TrainDegradation
+
+    assert [d.value for d in EvalDegradation] == list(D.PRESETS)
+    assert {d.value for d in TrainDegradation} == {"bicubic", "real", "real_mild"}  # camera/harsh: evaluation only

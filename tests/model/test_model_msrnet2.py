@@ -20,7 +20,7 @@ def _inputs(model, b: int, m: int, seed: int = 0):
 def test_variants_registered():
     names = list_models("msrnet2_*")
     for n in ("msrnet2_x4", "msrnet2_x8", "msrnet2_x16", "msrnet2_noref_x8", "msrnet2_tiny_x8", "msrnet2_align_x8",
-              "msrnet2_tiny_align_x8"):
+              "msrnet2_align4_x8", "msrnet2_tiny_align_x8"):
         assert n in names
 
 
@@ -151,12 +151,12 @@ def _hard_transfer(model, lr, ref):
 
 
 @pytest.mark.parametrize("direction", [1, -1])
-@pytest.mark.parametrize("phases, aligned", [(2, True), (1, False)])
-def test_subcell_alignment_recovers_a_half_cell_shift(phases, aligned, direction):
-    """A reference that is the HR moved by half a cell (4 px at x8), either way: with sub-cell copies the
-    transfer finds the HR's own blocks again (the same features as from the unmoved HR, inside the face;
-    moved up-left, a copy plus a whole-cell step); whole-cell transfer (phases 1, alignment removed)
-    cannot, and this test then fails."""
+@pytest.mark.parametrize("phases, px, aligned", [(2, 4, True), (1, 4, False), (4, 2, True), (2, 2, False)])
+def test_subcell_alignment_recovers_a_sub_cell_shift(phases, px, aligned, direction):
+    """A reference that is the HR moved by a fraction of a cell (4 px = 1/2, 2 px = 1/4 at x8), either
+    way: with copies at that fraction (phases 2, resp. 4) the transfer finds the HR's own blocks again
+    (the same features as from the unmoved HR, inside the face; moved up-left, a copy plus a whole-cell
+    step); coarser copies (the alignment removed, or too coarse) cannot, and this test then fails."""
     torch.manual_seed(0)
     model = create_model("msrnet2_tiny_align_x8").eval()
     model.attn.phases = phases
@@ -164,9 +164,9 @@ def test_subcell_alignment_recovers_a_half_cell_shift(phases, aligned, direction
     hr = F.interpolate(torch.rand(1, 3, 32, 32, generator=g), size=128, mode="bilinear", align_corners=False)
     lr = F.interpolate(hr, size=16, mode="bicubic", antialias=True, align_corners=False)
     if direction > 0:
-        moved = F.pad(hr, (4, 0, 4, 0), mode="replicate")[..., :128, :128]  # content 4 px right and down
+        moved = F.pad(hr, (px, 0, px, 0), mode="replicate")[..., :128, :128]  # content px right and down
     else:
-        moved = F.pad(hr, (0, 4, 0, 4), mode="replicate")[..., 4:, 4:]  # content 4 px left and up
+        moved = F.pad(hr, (0, px, 0, px), mode="replicate")[..., px:, px:]  # content px left and up
     same, off = _hard_transfer(model, lr, hr), _hard_transfer(model, lr, moved)
     for level, (a, b) in enumerate(zip(same, off)):
         f = 2**level
