@@ -31,7 +31,7 @@ bench: $(STAMP)
 gpu-check: $(STAMP)
 	$(BIN)/python scripts/gpu_check.py --out gpu_check
 
-# the shipped recipe trained on one GPU in ~8 min, evaluated, exported with its model card into gpu_train/
+# the shipped network and inputs (no identity loss) trained from scratch on one GPU in ~8 min, evaluated, exported with its model card into gpu_train/
 # (DEGRADATION=real_mild for the camera model; without CUDA: prints the plan, exits 0)
 DEGRADATION ?= bicubic
 gpu-train: $(STAMP)

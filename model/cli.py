@@ -23,7 +23,7 @@ out = Console()
 ALLOW_ENLARGED_HELP = ("accept HR targets refbuild enlarged (cut from fewer source pixels than the model's output "
                       "side; refused otherwise), saying how many")
 RefMode = choices("RefMode", "matched", "random", "none", "oracle", "shuffled")  # model.data.REF_MODES (torch-free here)
-TrainDegradation = choices("TrainDegradation", "bicubic", "real", "real_mild")  # model.degradations presets for training
+TrainDegradation = choices("TrainDegradation", "bicubic", "real", "real_mild")  # model.degradations.TRAIN_PRESETS
 EvalDegradation = choices("EvalDegradation", "bicubic", "real", "real_mild", "camera", "harsh")  # model.degradations.PRESETS
 
 
@@ -57,7 +57,7 @@ def train(
     refs: Annotated[RefMode, typer.Option(help="matched (manifest), random (other identities), none, oracle (the HR itself) or shuffled")] = RefMode.matched,
     ref_dropout: Annotated[float, typer.Option(min=0.0, max=1.0, help="probability a sample keeps only 0..m-1 of its references")] = 0.0,
     jitter: Annotated[float, typer.Option(min=0.0, max=0.49, help="framing jitter of HR and references (fraction of the crop side)")] = 0.0,
-    degradation: Annotated[TrainDegradation, typer.Option(help="how the 16 px input is made: bicubic (the paper's, the benchmark's) real (blur, resize kernels, noise, JPEG; docs/DESIGN.md) or real_mild (the same, narrower, 30% clean)")] = TrainDegradation.bicubic,
+    degradation: Annotated[TrainDegradation, typer.Option(help="how the 16 px input is made: bicubic (the paper's, the benchmark's), real (blur, resize kernels, noise, JPEG; docs/DESIGN.md) or real_mild (the same, narrower, 30% clean: the shipped camera model's)")] = TrainDegradation.bicubic,
     framing: Annotated[Optional[str], typer.Option(help="HR zoom range LO,HI, e.g. 0.9,1.3 (>1 closer, <1 farther): train for the framings test crops may have")] = None,
     shift: Annotated[float, typer.Option(min=0.0, max=0.25, help="move the face by up to this fraction of the side along each axis (framing; edges mirrored)")] = 0.0,
     init_from: Annotated[Optional[Path], typer.Option(help="start from these weights (e.g. weights/msrnet2_x8.safetensors) instead of random ones")] = None,
@@ -114,7 +114,7 @@ def eval_cmd(
     device: str = "auto",
     no_ema: Annotated[bool, typer.Option("--no-ema", help="use raw weights even if EMA weights exist")] = False,
     report: Annotated[bool, typer.Option("--report", help="also write OUT/report/index.html: metrics, a gallery per face, the run's sample grids")] = False,
-    degradation: Annotated[EvalDegradation, typer.Option(help="how each 16 px input is made: bicubic (the benchmark), real (the training sampler), camera or harsh (fixed camera-like pipelines); seeded per face")] = EvalDegradation.bicubic,
+    degradation: Annotated[EvalDegradation, typer.Option(help="how each 16 px input is made: bicubic (the benchmark), real or real_mild (the training samplers), camera or harsh (fixed camera-like pipelines); seeded per face")] = EvalDegradation.bicubic,
     zooms: Annotated[Optional[str], typer.Option(help="also score at these centre framings, e.g. 0.9,1.15,1.3 (>1 closer)")] = None,
     shifts: Annotated[Optional[str], typer.Option(help="also score with every face moved down by these fractions of the side, e.g. 0.075 (the standard aligned CelebA test crops' framing)")] = None,
     allow_enlarged: Annotated[bool, typer.Option("--allow-enlarged", help=ALLOW_ENLARGED_HELP)] = False,

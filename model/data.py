@@ -156,7 +156,7 @@ class ManifestDataset(Dataset):
             square of side (1 - u * jitter) of the crop, u ~ U(0, 1), at a random place.
         check_files: verify every file exists up front.
         degradation: how the LR is made from the HR (`model.degradations` preset: bicubic, real,
-            camera, harsh), drawn per sample from (seed, key): reproducible, independent of the
+            real_mild, camera, harsh), drawn per sample from (seed, key): reproducible, independent of the
             other per-sample randomness.
         framing: (lo, hi) training zoom range: the HR is re-framed at a zoom ~ U(lo, hi) (> 1 closer,
             < 1 farther), at a random position; None: as cropped.

@@ -27,6 +27,7 @@ HR pixels / scale, so one preset serves x4, x8 and x16):
   with p 0.15), then with p 0.15 a second order (blur 0.2-0.4 px, noise 0-5,
   JPEG 60-95). Measured against `real` in RESULTS.md 0.8: a 1.4M-parameter
   network spends less of itself on inputs no camera gives.
+  (`real` and `real_mild` are two `Mix`es of one pipeline: `MIXES`.)
 - `camera` (evaluation): one fixed-range camera pipeline, not the training
   sampler: Gaussian blur 0.1-0.4 LR px, bilinear downscale, Gaussian noise 0-10,
   JPEG 40-80. Scoring a model on the very sampler it was trained on would
@@ -46,8 +47,37 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .msrnet import LR_SIZE
-PRESETS = ("bicubic", "real", "real_mild", "camera", "harsh")
+TRAIN_PRESETS = ("bicubic", "real", "real_mild")  # model/cli.py's enums list these by hand (a fast --help)
+PRESETS = (*TRAIN_PRESETS, "camera", "harsh")
 RESIZE_KERNELS = ("bicubic", "bilinear", "area", "bilinear_naive")
+
+
+@dataclass(frozen=True)
+class Mix:
+    """The ranges of a training mix: a clean share, else a first order and maybe a second."""
+
+    p_clean: float  # a clean resize (bicubic, bilinear or area): the model must not spoil a good 16 px face
+    blur_max: float  # first-order Gaussian blur, sigma 0.1..blur_max LR px
+    p_no_blur: float
+    p_anisotropic: float
+    noise_max: float  # of 255
+    p_no_noise: float
+    jpeg_min: int  # quality jpeg_min..95
+    p_no_jpeg: float
+    p_second: float  # a second order at 16 px: blur 0.2..second_blur_max (p 0.5), noise, JPEG
+    second_blur_max: float
+    second_noise_max: float
+    second_jpeg_min: int
+
+
+MIXES = {  # the draw order in `_mixed` is part of a run's inputs: a test pins it
+    "real": Mix(p_clean=0.15, blur_max=0.9, p_no_blur=0.15, p_anisotropic=0.4, noise_max=20.0, p_no_noise=0.2,
+                jpeg_min=30, p_no_jpeg=0.1, p_second=0.3, second_blur_max=0.6, second_noise_max=10.0,
+                second_jpeg_min=50),
+    "real_mild": Mix(p_clean=0.3, blur_max=0.6, p_no_blur=0.2, p_anisotropic=0.3, noise_max=15.0, p_no_noise=0.25,
+                     jpeg_min=35, p_no_jpeg=0.15, p_second=0.15, second_blur_max=0.4, second_noise_max=5.0,
+                     second_jpeg_min=60),
+}
 _PIL_KERNEL = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "area": Image.BOX}
 
 
@@ -84,28 +114,8 @@ def sample(preset: str, rng: random.Random, scale: int) -> Degradation:
     """Draw one degradation of `preset` (see the module docstring) from `rng`."""
     if preset == "bicubic":
         return Degradation("bicubic", Stage())
-    if preset == "real":
-        if rng.random() < 0.15:  # clean inputs stay in the mix: the model must not spoil a good 16 px face
-            return Degradation("real", Stage(None, rng.choice(("bicubic", "bilinear", "area"))))
-        blur = None if rng.random() < 0.15 else _blur(rng, 0.1, 0.9, anisotropic=rng.random() < 0.4)
-        first = Stage(blur, rng.choice(RESIZE_KERNELS), *_noise(rng, 0.0, 20.0, p_none=0.2),
-                      jpeg_quality=None if rng.random() < 0.1 else rng.randint(30, 95))
-        second = None
-        if rng.random() < 0.3:
-            second = Stage(_blur(rng, 0.2, 0.6, False) if rng.random() < 0.5 else None, "bicubic",
-                           *_noise(rng, 0.0, 10.0, p_none=0.5), jpeg_quality=rng.randint(50, 95))
-        return Degradation("real", first, second)
-    if preset == "real_mild":
-        if rng.random() < 0.3:
-            return Degradation("real_mild", Stage(None, rng.choice(("bicubic", "bilinear", "area"))))
-        blur = None if rng.random() < 0.2 else _blur(rng, 0.1, 0.6, anisotropic=rng.random() < 0.3)
-        first = Stage(blur, rng.choice(RESIZE_KERNELS), *_noise(rng, 0.0, 15.0, p_none=0.25),
-                      jpeg_quality=None if rng.random() < 0.15 else rng.randint(35, 95))
-        second = None
-        if rng.random() < 0.15:
-            second = Stage(_blur(rng, 0.2, 0.4, False) if rng.random() < 0.5 else None, "bicubic",
-                           *_noise(rng, 0.0, 5.0, p_none=0.5), jpeg_quality=rng.randint(60, 95))
-        return Degradation("real_mild", first, second)
+    if preset in MIXES:
+        return _mixed(preset, MIXES[preset], rng)
     if preset == "camera":
         return Degradation("camera", Stage(_blur(rng, 0.1, 0.4, False), "bilinear", *_noise(rng, 0.0, 10.0, 0.0),
                                            jpeg_quality=rng.randint(40, 80)))
@@ -113,6 +123,21 @@ def sample(preset: str, rng: random.Random, scale: int) -> Degradation:
         return Degradation("harsh", Stage(_blur(rng, 0.25, 0.5, False), "bilinear", *_noise(rng, 5.0, 15.0, 0.0),
                                           jpeg_quality=rng.randint(40, 60)))
     raise ValueError(f"degradation {preset!r}: choose one of {', '.join(PRESETS)}")
+
+
+def _mixed(preset: str, m: Mix, rng: random.Random) -> Degradation:
+    if rng.random() < m.p_clean:
+        return Degradation(preset, Stage(None, rng.choice(("bicubic", "bilinear", "area"))))
+    aniso = None if rng.random() < m.p_no_blur else rng.random() < m.p_anisotropic
+    blur = None if aniso is None else _blur(rng, 0.1, m.blur_max, anisotropic=aniso)
+    first = Stage(blur, rng.choice(RESIZE_KERNELS), *_noise(rng, 0.0, m.noise_max, p_none=m.p_no_noise),
+                  jpeg_quality=None if rng.random() < m.p_no_jpeg else rng.randint(m.jpeg_min, 95))
+    second = None
+    if rng.random() < m.p_second:
+        second = Stage(_blur(rng, 0.2, m.second_blur_max, False) if rng.random() < 0.5 else None, "bicubic",
+                       *_noise(rng, 0.0, m.second_noise_max, p_none=0.5),
+                       jpeg_quality=rng.randint(m.second_jpeg_min, 95))
+    return Degradation(preset, first, second)
 
 
 def _blur(rng: random.Random, lo: float, hi: float, anisotropic: bool) -> Blur:
@@ -183,4 +208,5 @@ def apply(hr: Image.Image, d: Degradation) -> Image.Image:
     return _stage(lr, d.second, 1.0) if d.second is not None else lr
 
 
-__all__ = ["Blur", "Degradation", "PRESETS", "Stage", "apply", "gaussian_kernel", "sample"]
+__all__ = ["Blur", "Degradation", "MIXES", "Mix", "PRESETS", "Stage", "TRAIN_PRESETS", "apply", "gaussian_kernel",
+           "sample"]

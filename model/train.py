@@ -43,7 +43,7 @@ class TrainConfig:
     refs: str = "matched"  # matched | random | none | oracle | shuffled
     ref_dropout: float = 0.0  # probability a sample keeps only a uniform 0..m-1 of its references
     jitter: float = 0.0  # framing jitter of HR and references (see ManifestDataset)
-    degradation: str = "bicubic"  # how the LR is made: bicubic (the paper's) | real (model.degradations)
+    degradation: str = "bicubic"  # how the LR is made: bicubic (the paper's) | real | real_mild (model.degradations)
     framing: tuple[float, float] | None = None  # HR zoom range, e.g. (0.9, 1.3): framings the test crops may have
     shift: float = 0.0  # the face moved by U(-shift, shift) of the side along each axis (framing; ManifestDataset)
     init_from: Path | None = None  # start from these weights (a shipped .safetensors or a run's), not at random

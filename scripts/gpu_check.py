@@ -11,10 +11,11 @@
 
 `--mode train` (`make gpu-train`) is the ten-minute window's job: the library, then the
 best recipe (`msrnet2_x8` with framing augmentation (zoom and shift), `--degradation` bicubic,
-or real_mild as the shipped camera model) trained from scratch on CUDA in bf16 for `--train-steps`
-steps of batch `--batch-size`, evaluated on the test split (clean and camera-degraded inputs,
-centred, three zooms and one shift), exported to `OUT/msrnet2_x8[_real].safetensors` with
-`OUT/MODEL_CARD.md`: one folder ready to commit.
+or real_mild as the shipped camera model; no identity loss, whose GPU cost is unmeasured)
+trained from scratch on CUDA in bf16 for `--train-steps` steps of batch `--batch-size`,
+evaluated on the test split (clean and camera-degraded inputs, centred, three zooms and one
+shift), exported to `OUT/msrnet2_x8[_real].safetensors` with `OUT/MODEL_CARD.md`: one folder
+ready to commit.
 
 Each step's output and a `summary.json` (wall seconds, exit codes, figures) go to
 `--out`. Steps after the budget is spent are skipped, saying so. Without CUDA it
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train-steps", type=int, default=1500)
     ap.add_argument("--budget-s", type=float, default=480.0, help="skip the steps that would start after this")
     ap.add_argument("--mode", choices=("check", "train"), default="check",
-                    help="check: every CUDA path (make gpu-check); train: the shipped recipe, ready to commit (make gpu-train)")
+                    help="check: every CUDA path (make gpu-check); train: the shipped network and inputs from scratch, ready to commit (make gpu-train)")
     ap.add_argument("--degradation", choices=("bicubic", "real", "real_mild"), default="bicubic",
                     help="with --mode train (real_mild: the shipped camera model's inputs)")
     ap.add_argument("--batch-size", type=int, default=32, help="with --mode train")

@@ -22,6 +22,9 @@ def test_variants_registered():
     for n in ("msrnet2_x4", "msrnet2_x8", "msrnet2_x16", "msrnet2_noref_x8", "msrnet2_tiny_x8", "msrnet2_align_x8",
               "msrnet2_align4_x8", "msrnet2_tiny_align_x8"):
         assert n in names
+    a2, a4 = create_model("msrnet2_align_x8"), create_model("msrnet2_align4_x8")
+    assert (a2.attn.phases, a4.attn.phases) == (2, 4)  # the same parameters: --init-from moves between them
+    assert {k: v.shape for k, v in a2.state_dict().items()} == {k: v.shape for k, v in a4.state_dict().items()}
 
 
 @pytest.mark.parametrize("name", TINY)
