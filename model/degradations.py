@@ -128,8 +128,9 @@ def sample(preset: str, rng: random.Random, scale: int) -> Degradation:
 def _mixed(preset: str, m: Mix, rng: random.Random) -> Degradation:
     if rng.random() < m.p_clean:
         return Degradation(preset, Stage(None, rng.choice(("bicubic", "bilinear", "area"))))
-    aniso = None if rng.random() < m.p_no_blur else rng.random() < m.p_anisotropic
-    blur = None if aniso is None else _blur(rng, 0.1, m.blur_max, anisotropic=aniso)
+    blur = None
+    if rng.random() >= m.p_no_blur:
+        blur = _blur(rng, 0.1, m.blur_max, anisotropic=rng.random() < m.p_anisotropic)
     first = Stage(blur, rng.choice(RESIZE_KERNELS), *_noise(rng, 0.0, m.noise_max, p_none=m.p_no_noise),
                   jpeg_quality=None if rng.random() < m.p_no_jpeg else rng.randint(m.jpeg_min, 95))
     second = None

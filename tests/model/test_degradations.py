@@ -49,13 +49,12 @@ def test_real_draws_vary_and_cover_its_ranges():
 def test_real_mild_is_narrower_and_cleaner_than_real():
     def stats(preset):
         ds = [D.sample(preset, random.Random(k), 8) for k in range(1500)]
-        clean = sum(d.first.blur is None and d.first.noise_sigma == 0 and d.first.jpeg_quality is None for d in ds)
+        clean = [d.first.blur is None and d.first.noise_sigma == 0 and d.first.jpeg_quality is None for d in ds]
         blur = max(max(d.first.blur.sigma_x, d.first.blur.sigma_y) for d in ds if d.first.blur)
         q = min(d.first.jpeg_quality for d in ds if d.first.jpeg_quality is not None)
         second = [d.second for d in ds if d.second is not None]
-        degraded = len(ds) - sum(d.first.blur is None and d.first.noise_sigma == 0 and d.first.jpeg_quality is None
-                                 and d.second is None for d in ds)
-        return dict(clean=clean / len(ds), blur=blur, noise=max(d.first.noise_sigma for d in ds), q=q,
+        degraded = sum(not c or d.second is not None for c, d in zip(clean, ds))
+        return dict(clean=sum(clean) / len(ds), blur=blur, noise=max(d.first.noise_sigma for d in ds), q=q,
                     second=len(second) / degraded, blur2=max(s.blur.sigma_x for s in second if s.blur),
                     noise2=max(s.noise_sigma for s in second), q2=min(s.jpeg_quality for s in second))
     mild, real = stats("real_mild"), stats("real")
