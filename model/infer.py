@@ -185,16 +185,18 @@ def prepare_faces(cfg: InferConfig, inputs: list[Input], scale: int, note: Calla
 def paste_photo(cfg: InferConfig, inp: Input, rec: dict[str, Any], mine: list[Face], S: int, scale: int) -> None:
     """Fit each restored face of one photo to its face and paste those `paste_rule` lets through;
     the photo's record (rec) gains its status, upscale and restored file, each face its decision."""
-    from .paste import auto_upscale, crop, fit_to_face, paste_back, paste_rule
+    from .paste import auto_upscale, covered, crop, fit_to_face, paste_back, paste_rule
 
     photo = load_rgb(inp.path)
     up = cfg.upscale or (auto_upscale(photo.size, [f.box for f in mine], S, scale) if mine else 1)
     paste = []
+    wider = [tuple(face["detector_box"]) for face in rec["faces"] if face.get("decision") == "left"]
     for f in mine:
         face = crop(photo, f.box)
         side = face.width * up
         fitted, agreement = fit_to_face(f.sr, face, side, cfg.back_project)
-        why = paste_rule(side, face.width, agreement, cfg.min_agreement, sr_side=f.sr.width)
+        why = paste_rule(side, face.width, agreement, cfg.min_agreement, sr_side=f.sr.width,
+                         inside_left=covered(f.box, wider))
         f.record.update(agreement_db=round(agreement, 2), pasted=why is None, decision="left" if why else "restored",
                         reason=why or f"at most {cfg.max_face:g} px wide: restored x{scale}, pasted at x{up}")
         if not why:
@@ -206,7 +208,8 @@ def paste_photo(cfg: InferConfig, inp: Input, rec: dict[str, Any], mine: list[Fa
                                                       f"were ({'; '.join(reasons)})")
         return
     out = Path(f"{output_stem(cfg.out_dir, inp)}_restored.png")
-    save_png_atomic(paste_back(photo, paste, up), out)
+    left = [tuple(face["detector_box"]) for face in rec["faces"] if face.get("decision") == "left"]
+    save_png_atomic(paste_back(photo, paste, up, keep_out=left), out)
     rec.update(status="restored", restored=str(out))
 
 

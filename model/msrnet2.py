@@ -35,6 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .msrnet import LR_SIZE, ResBlock, conv3x3, res_group
+from .refwarp import register_refs
 from .registry import register_model
 
 __all__ = ["MSRNet2", "RefAttention", "GatedFusion", "local_attention_weights", "local_aggregate", "subcell_copies"]
@@ -268,6 +269,8 @@ class MSRNet2(nn.Module):
         topk: attention candidates per cell.
         phases: sub-cell alignment of the references (`RefAttention`); 1: whole cells, as shipped.
         logit_scale: initial attention temperature.
+        ref_warp: g > 0 warps each reference onto the LR before the search (`model.refwarp`: a g x g
+            control-point field fitted per reference; no parameters); 0: references as given.
         use_refs: False builds the reference-free twin (same decoder, no attention, no fusion).
     """
 
@@ -284,6 +287,7 @@ class MSRNet2(nn.Module):
         topk: int = 8,
         phases: int = 1,
         logit_scale: float = 10.0,
+        ref_warp: int = 0,
         use_refs: bool = True,
     ):
         super().__init__()
@@ -294,7 +298,7 @@ class MSRNet2(nn.Module):
             raise ValueError(f"x{scale} needs {levels} levels in dims, blocks and value_dims")
         if window % 2 != 1:
             raise ValueError(f"window must be odd, got {window}")
-        self.scale, self.in_chans, self.use_refs = scale, in_chans, use_refs
+        self.scale, self.in_chans, self.use_refs, self.ref_warp = scale, in_chans, use_refs, ref_warp
         self.out_size = LR_SIZE * scale
         self.head = conv3x3(in_chans, dims[0])
         self.bodies = nn.ModuleList([res_group(d, n) for d, n in zip(dims, blocks)])
@@ -322,6 +326,8 @@ class MSRNet2(nn.Module):
                 flat = F.interpolate(refs.flatten(0, 1), size=self.out_size, mode="bicubic", align_corners=False,
                                      antialias=True)
                 refs = flat.reshape(*refs.shape[:2], *flat.shape[1:])
+            if self.ref_warp:
+                refs = register_refs(lr, refs, ref_mask, grid=self.ref_warp)  # B, M, 3, out, out: bent onto the LR
             ts, conf = self.attn(lr, refs, ref_mask)  # per level B, V_l, 16*2^l, 16*2^l; B, 1, 16, 16
         else:
             ts, conf = None, lr.new_zeros(B, 1, h, w)
@@ -399,6 +405,13 @@ def msrnet2_align_x8(**kwargs: Any) -> MSRNet2:
 def msrnet2_align4_x8(**kwargs: Any) -> MSRNet2:
     """msrnet2_align_x8 at quarter cells (references also moved by 2, 4 and 6 px: 16 copies each)."""
     return _create("msrnet2_align4_x8", 8, {**_LEVELS[8], "phases": 4, "logit_scale": 30.0}, **kwargs)
+
+
+@register_model
+def msrnet2_warp_x8(**kwargs: Any) -> MSRNet2:
+    """msrnet2_align4_x8 with each reference first warped onto the LR (`model.refwarp`, 6 x 6 control points):
+    for references of the same person in another pose or expression (the positive control)."""
+    return _create("msrnet2_warp_x8", 8, {**_LEVELS[8], "phases": 4, "logit_scale": 30.0, "ref_warp": 6}, **kwargs)
 
 
 @register_model

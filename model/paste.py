@@ -12,7 +12,8 @@ gain: the model sees every face through a 16x16 input, which holds ever less of 
 face); each restoration fitted to its face by back-projection (`fit_to_face`: the face's
 own detail kept, the model's added above it), and pasted only where, shrunk back to the
 face's own size, it agrees with the face (`MIN_AGREEMENT` dB) and the output is larger
-than the face: a restoration never replaces a face that holds more detail.
+than the face: a restoration never replaces a face that holds more detail, and never reaches
+into a face left as it was (`paste_back`'s keep-out boxes).
 """
 from __future__ import annotations
 
@@ -100,10 +101,18 @@ def fit_to_face(sr: Image.Image, face: Image.Image, side: int, iters: int = BACK
     return Image.fromarray(out), (float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse))
 
 
+def covered(box: Box, boxes: list[tuple[float, float, float, float]]) -> bool:
+    """Whether the box lies wholly inside one of the boxes (a paste there would be kept out entirely)."""
+    return any(l <= box[0] and t <= box[1] and r >= box[2] and b >= box[3] for l, t, r, b in boxes)
+
+
 def paste_rule(side: int, crop: int, agreement: float, min_agreement: float = MIN_AGREEMENT,
-               sr_side: int | None = None) -> str | None:
+               sr_side: int | None = None, inside_left: bool = False) -> str | None:
     """None when a restoration (sr_side px, made) pasted at side px over a face cut at crop px may be
-    pasted; else why not (the kind of reason before the colon, its figures after: summaries group by kind)."""
+    pasted; else why not (the kind of reason before the colon, its figures after: summaries group by kind).
+    inside_left: the face's box lies inside a face left as it was (`paste_back` would keep it all out)."""
+    if inside_left:
+        return "inside a face left as it was: its pixels stay"
     if sr_side is not None and sr_side <= crop:
         return f"restoration no larger than the face: {sr_side} px <= {crop} px"
     if side <= crop:
@@ -134,8 +143,11 @@ def feather_mask(side: int, feather: float = 0.1) -> np.ndarray:
     return np.minimum(ramp[:, None], ramp[None, :])
 
 
-def paste_back(photo: Image.Image, faces: list[tuple[Box, Image.Image]], upscale: int) -> Image.Image:
-    """The photo upscaled bicubically by `upscale`, each SR face blended in at its box."""
+def paste_back(photo: Image.Image, faces: list[tuple[Box, Image.Image]], upscale: int,
+               keep_out: list[tuple[float, float, float, float]] = ()) -> Image.Image:
+    """The photo upscaled bicubically by `upscale`, each SR face blended in at its box, except inside
+    the `keep_out` boxes (photo pixels: the detector boxes of faces left as they were), which keep the
+    photo's own pixels: a small face's paste never reaches into a larger face beside it."""
     W, H = photo.size
     canvas = np.asarray(photo.resize((W * upscale, H * upscale), Image.BICUBIC), dtype=np.float32)
     for box, sr in faces:
@@ -143,6 +155,11 @@ def paste_back(photo: Image.Image, faces: list[tuple[Box, Image.Image]], upscale
         side = r - l
         face = np.asarray(sr.resize((side, side), Image.BICUBIC), dtype=np.float32)
         mask = feather_mask(side)[..., None]
+        for kl, kt, kr, kb in keep_out:  # in box coordinates, clipped to the box
+            x0, y0 = max(0, int(np.floor(kl * upscale)) - l), max(0, int(np.floor(kt * upscale)) - t)
+            x1, y1 = min(side, int(np.ceil(kr * upscale)) - l), min(side, int(np.ceil(kb * upscale)) - t)
+            if x0 < x1 and y0 < y1:
+                mask[y0:y1, x0:x1] = 0.0
         x0, y0, x1, y1 = max(l, 0), max(t, 0), min(r, canvas.shape[1]), min(b, canvas.shape[0])
         if x0 >= x1 or y0 >= y1:
             continue

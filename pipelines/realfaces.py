@@ -4,10 +4,11 @@ For each photo, the most confident face of at least `--min-gt` px (MTCNN on the 
 crop box inside the photo) is the ground-truth face. For every face width W (`--widths`) the
 photo is shrunk (PIL bicubic, antialiased: the model's own degradation) so that face is W px
 wide, and `model infer --detect --all-faces` (its own code, `model.infer.infer`) runs on the
-shrunk photos. Its restored photo (the shrunk photo itself where nothing was restored) and the
-bicubic enlargement of the shrunk photo are both enlarged back to the original size; PSNR-Y
-inside the ground-truth face box, restored minus bicubic, is averaged over the faces (a face
-the detector missed counts 0: the user gets the photo as it was).
+shrunk photos. Its restored photo and the bicubic enlargement of the shrunk photo to the same
+size are both enlarged back to the original size (so the two differ only by the pastes; a photo
+where nothing was restored scores 0); PSNR-Y inside the ground-truth face box, restored minus
+bicubic, is averaged over the faces (a face the detector missed counts 0: the user gets the
+photo as it was).
 
 Arms: `rule` (infer's defaults: which faces are restored, back-projection, agreement guard) and
 `plain` (every face found, its restoration pasted as the model made it, no size rule or guard:
@@ -176,9 +177,13 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
             row = {"photo": p["path"], "width": W, "gt_width": round(p["width"], 1), "bicubic": psnr_y_in(bic, im, p["box"])}
             for arm in ARMS:
                 rec = recs[arm][name]
-                out = Image.open(rec["restored"]).convert("RGB").resize(im.size, Image.BICUBIC) if rec.get("restored") else bic
+                if rec.get("restored"):  # against bicubic to the same size, brought back the same way: only pastes differ
+                    made = Image.open(rec["restored"]).convert("RGB")
+                    out, ref = made.resize(im.size, Image.BICUBIC), small.resize(made.size, Image.BICUBIC).resize(im.size, Image.BICUBIC)
+                    row[arm] = psnr_y_in(out, im, p["box"]) - psnr_y_in(ref, im, p["box"])
+                else:
+                    row[arm] = 0.0  # the photo as it was
                 mine = [fc for fc in rec.get("faces", []) if iou(fc["detector_box"], gt_small) >= IOU_FOUND]
-                row[arm] = psnr_y_in(out, im, p["box"]) - row["bicubic"]
                 row[f"{arm}_decision"] = mine[0]["decision"] if mine else "not found"
                 if arm == next(iter(ARMS)):  # the first arm is infer as shipped
                     row["found"] = bool(mine)

@@ -205,6 +205,11 @@ def test_feather_mask_and_paste_back():
     assert out.shape == (80, 100, 3)
     assert out[30, 40].min() == 250 and out[2, 2].max() == 10  # the face's middle restored, the rest the photo
     assert 10 < out[30, 21, 0] < 250  # feathered at the box edge
+    kept = np.asarray(paste_back(photo, [((10, 5, 30, 25), sr)], 2, keep_out=[(24.0, 10.0, 40.0, 30.0)]))
+    assert kept[30, 40].min() == 250 and kept[30, 48].max() == 10  # a face left as it was keeps the photo's pixels
+    assert (kept[20:60, 48:80] == np.asarray(photo.resize((100, 80), Image.BICUBIC))[20:60, 48:80]).all()
+    frac = np.asarray(paste_back(photo, [((10, 5, 30, 25), sr)], 2, keep_out=[(23.6, 9.5, 40.0, 30.0)]))
+    assert frac[30, 47].max() == 10 and frac[30, 46].min() > 10  # a fractional box: every pixel it touches kept
     assert auto_upscale((50, 40), [(10, 5, 30, 25)], 64, 4) == 3 and auto_upscale((5000, 40), [(0, 0, 8, 8)], 64, 8) == 1
 
 
@@ -306,6 +311,18 @@ def test_nothing_restored_is_said_and_no_restored_photo_is_written(ckpt, tmp_pat
     r = _ok("infer", "--checkpoint", ckpt, "--lr", small, "--detect", "--upscale", "1", "--out", tmp_path / "o2")
     assert "0 face(s) restored, 1 left as they were (output no larger than the face)" in r.output, r.output
     assert _faces_of(tmp_path / "o2")["small.png"]["status"] == "nothing_restored"
+
+
+def test_a_small_face_inside_a_face_left_as_it_was_is_not_pasted(ckpt, tmp_path, monkeypatch):
+    """A (false) small face found on a large face that is left: its paste would be kept out entirely, so
+    it is recorded as left, and the photo as nothing restored (no copy of the input under a restored name)."""
+    photo = _img(tmp_path / "in" / "big.png", (200, 200), 1)
+    _fake_detector(monkeypatch, {(200, 200): [(30, 30, 150, 170), (60, 60, 72, 72)]})
+    r = _ok("infer", "--checkpoint", ckpt, "--lr", photo, "--detect", "--all-faces", "--out", tmp_path / "out")
+    rec = _faces_of(tmp_path / "out")["big.png"]
+    assert [f["decision"] for f in rec["faces"]] == ["left", "left"], r.output
+    assert rec["faces"][1]["reason"].startswith("inside a face left as it was") and rec["status"] == "nothing_restored"
+    assert not list((tmp_path / "out").glob("*_restored.png"))
 
 
 def test_one_bad_photo_is_one_skip_and_the_batch_goes_on(ckpt, tmp_path, monkeypatch):
