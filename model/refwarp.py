@@ -1,4 +1,4 @@
-"""Reference registration: warp each reference onto the LR face before matching (docs/DESIGN.md "Warped references").
+"""Reference registration: warp each reference onto the LR face before matching (docs/DESIGN.md "MSRNet2", warped references).
 
 Aligned crops put the eyes of every face at the same place, but another photo of a face still
 differs from it by pose and expression: the mouth opens, the head turns, the chin moves. The
