@@ -182,6 +182,11 @@ def prepare_faces(cfg: InferConfig, inputs: list[Input], scale: int, note: Calla
     return faces, records
 
 
+def _left_boxes(rec: dict[str, Any]) -> list[tuple[float, ...]]:
+    """The detector boxes of the photo's faces left as they were (no paste may reach into them)."""
+    return [tuple(face["detector_box"]) for face in rec["faces"] if face.get("decision") == "left"]
+
+
 def paste_photo(cfg: InferConfig, inp: Input, rec: dict[str, Any], mine: list[Face], S: int, scale: int) -> None:
     """Fit each restored face of one photo to its face and paste those `paste_rule` lets through;
     the photo's record (rec) gains its status, upscale and restored file, each face its decision."""
@@ -190,7 +195,7 @@ def paste_photo(cfg: InferConfig, inp: Input, rec: dict[str, Any], mine: list[Fa
     photo = load_rgb(inp.path)
     up = cfg.upscale or (auto_upscale(photo.size, [f.box for f in mine], S, scale) if mine else 1)
     paste = []
-    wider = [tuple(face["detector_box"]) for face in rec["faces"] if face.get("decision") == "left"]
+    wider = _left_boxes(rec)  # faces the size rule left; the loop below may leave more
     for f in mine:
         face = crop(photo, f.box)
         side = face.width * up
@@ -208,8 +213,7 @@ def paste_photo(cfg: InferConfig, inp: Input, rec: dict[str, Any], mine: list[Fa
                                                       f"were ({'; '.join(reasons)})")
         return
     out = Path(f"{output_stem(cfg.out_dir, inp)}_restored.png")
-    left = [tuple(face["detector_box"]) for face in rec["faces"] if face.get("decision") == "left"]
-    save_png_atomic(paste_back(photo, paste, up, keep_out=left), out)
+    save_png_atomic(paste_back(photo, paste, up, keep_out=_left_boxes(rec)), out)
     rec.update(status="restored", restored=str(out))
 
 

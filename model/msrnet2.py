@@ -366,6 +366,8 @@ _LEVELS = {  # dims, blocks, value_dims per scale: the shipped CPU width
 _TINY = {s: dict(dims=(16,) * (n + 1), blocks=(1,) * (n + 1), value_dims=(8,) * (n + 1), key_dim=8, key_blocks=1)
          for s, n in ((4, 2), (8, 3), (16, 4))}
 
+_ALIGN4 = {**_LEVELS[8], "phases": 4, "logit_scale": 30.0}  # quarter-cell copies: msrnet2_align4_x8 and its warp twin
+
 default_cfgs: dict[str, dict[str, Any]] = {}
 
 
@@ -404,14 +406,14 @@ def msrnet2_align_x8(**kwargs: Any) -> MSRNet2:
 @register_model
 def msrnet2_align4_x8(**kwargs: Any) -> MSRNet2:
     """msrnet2_align_x8 at quarter cells (references also moved by 2, 4 and 6 px: 16 copies each)."""
-    return _create("msrnet2_align4_x8", 8, {**_LEVELS[8], "phases": 4, "logit_scale": 30.0}, **kwargs)
+    return _create("msrnet2_align4_x8", 8, _ALIGN4, **kwargs)
 
 
 @register_model
 def msrnet2_warp_x8(**kwargs: Any) -> MSRNet2:
     """msrnet2_align4_x8 with each reference first warped onto the LR (`model.refwarp`, 6 x 6 control points):
     for references of the same person in another pose or expression (the positive control)."""
-    return _create("msrnet2_warp_x8", 8, {**_LEVELS[8], "phases": 4, "logit_scale": 30.0, "ref_warp": 6}, **kwargs)
+    return _create("msrnet2_warp_x8", 8, {**_ALIGN4, "ref_warp": 6}, **kwargs)
 
 
 @register_model

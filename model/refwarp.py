@@ -1,4 +1,6 @@
-"""Reference registration: warp each reference onto the LR face before matching (docs/DESIGN.md "MSRNet2", warped references).
+"""Reference registration: warp each reference onto the LR face before matching.
+
+docs/DESIGN.md "MSRNet2" (warped references).
 
 Aligned crops put the eyes of every face at the same place, but another photo of a face still
 differs from it by pose and expression: the mouth opens, the head turns, the chin moves. The
@@ -66,18 +68,20 @@ def fit_fields(
     opt = torch.optim.Adam([field], lr=step)
     best = torch.zeros_like(field, requires_grad=False)
     best_loss = torch.full((refs.shape[0],), float("inf"), device=refs.device)
-    for i in range(iters + 1):  # iterate 0 scores the unwarped reference: a fit must beat it
+    def keep_best(loss: torch.Tensor) -> None:
+        better = loss < best_loss
+        best[better], best_loss[better] = field.detach()[better], loss.detach()[better]
+
+    for _ in range(iters):  # iterate 0 scores the unwarped reference: a fit must beat it
         loss = loss_of(field)
-        with torch.no_grad():
-            better = loss < best_loss
-            best[better], best_loss[better] = field[better], loss[better]
-        if i == iters:
-            break
+        keep_best(loss)
         opt.zero_grad(set_to_none=True)
         loss.sum().backward()
         opt.step()
         with torch.no_grad():
             field.clamp_(-max_shift, max_shift)
+    with torch.no_grad():  # the last iterate, scored without a graph
+        keep_best(loss_of(field))
     return best
 
 

@@ -179,8 +179,8 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
                 rec = recs[arm][name]
                 if rec.get("restored"):  # against bicubic to the same size, brought back the same way: only pastes differ
                     made = Image.open(rec["restored"]).convert("RGB")
-                    out, ref = made.resize(im.size, Image.BICUBIC), small.resize(made.size, Image.BICUBIC).resize(im.size, Image.BICUBIC)
-                    row[arm] = psnr_y_in(out, im, p["box"]) - psnr_y_in(ref, im, p["box"])
+                    ref = small.resize(made.size, Image.BICUBIC).resize(im.size, Image.BICUBIC)
+                    row[arm] = psnr_y_in(made.resize(im.size, Image.BICUBIC), im, p["box"]) - psnr_y_in(ref, im, p["box"])
                 else:
                     row[arm] = 0.0  # the photo as it was
                 mine = [fc for fc in rec.get("faces", []) if iou(fc["detector_box"], gt_small) >= IOU_FOUND]
