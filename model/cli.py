@@ -119,15 +119,18 @@ def eval_cmd(
     shifts: Annotated[Optional[str], typer.Option(help="also score with every face moved down by these fractions of the side, e.g. 0.075 (the standard aligned CelebA test crops' framing)")] = None,
     allow_enlarged: Annotated[bool, typer.Option("--allow-enlarged", help=ALLOW_ENLARGED_HELP)] = False,
     identity: Annotated[Optional[bool], typer.Option("--identity/--no-identity", help="also score identity with dlib's face recogniser: distance to the HR, verification, rank-1, drift toward the references (default: when its weights are installed)")] = None,
+    self_ensemble: Annotated[bool, typer.Option("--self-ensemble", help="average each face's output with its mirror image's (x2 compute; off: the benchmark's protocol is one pass)")] = False,
 ) -> None:
     """PSNR/SSIM (Y crop=scale and RGB) of SR and bicubic, and identity; CSV, JSON and Markdown (and an HTML report)."""
     from .evaluate import METRICS, evaluate
 
     where, summary = evaluate(checkpoint, manifest, out_dir, refs.value, num_refs, data_root, device,
                               batch_size, not no_ema, report, seed, degradation.value, comma_floats(zooms, None, "--zooms", (0.5, 2.0)) or (),
-                              allow_enlarged, identity, comma_floats(shifts, None, "--shifts", (-0.25, 0.25)) or ())
+                              allow_enlarged, identity, comma_floats(shifts, None, "--shifts", (-0.25, 0.25)) or (),
+                              self_ensemble)
     t = Table(title=f"{summary['n']} faces ({summary.get('split')} split), x{summary['scale']}, refs {summary['refs']} "
-                    f"chosen on the {summary.get('ref_view')} view, inputs {summary['degradation']}; bicubic MATLAB-style; *_full: MATLAB Y, no crop")
+                    f"chosen on the {summary.get('ref_view')} view, inputs {summary['degradation']}"
+                    f"{', self-ensemble x2' if summary['self_ensemble'] else ''}; bicubic MATLAB-style; *_full: MATLAB Y, no crop")
     t.add_column("method")
     for k in METRICS:
         t.add_column(k, justify="right")
@@ -195,6 +198,7 @@ def infer(
     device: str = "auto",
     batch_size: Annotated[Optional[int], typer.Option(min=1, help="faces per forward (default: 16 on CUDA, 1 on CPU, the faster there)")] = None,
     no_ema: Annotated[bool, typer.Option("--no-ema", help="use raw weights even if EMA weights exist")] = False,
+    self_ensemble: Annotated[bool, typer.Option("--self-ensemble/--single-pass", help="average each face's output with its mirror image's (x2 compute; docs/DESIGN.md \"Self-ensemble\")")] = True,
 ) -> None:
     """Super-resolve LR faces (or the faces of whole photos) with given or retrieved references."""
     from .infer import InferConfig, infer as run_infer
@@ -206,7 +210,8 @@ def infer(
     cfg = InferConfig(checkpoint=checkpoint, inputs=tuple(lr), out_dir=out_dir, refs=tuple(refs or ()), library=library,
                       num_refs=num_refs, weights=weights, detect=detect, all_faces=all_faces, margin=margin,
                       upscale=upscale, non_square=non_square.value, grid=grid, overwrite=overwrite, device=device,
-                      batch_size=batch_size, use_ema=not no_ema, min_face=min_face, min_prob=min_prob, max_face=max_face)
+                      batch_size=batch_size, use_ema=not no_ema, min_face=min_face, min_prob=min_prob, max_face=max_face,
+                      self_ensemble=self_ensemble)
     rec = run_infer(cfg, _note)
     faces = [f for i in rec["inputs"] for f in i.get("faces", []) if f.get("output")]
     skipped = sum(i["status"] == "skipped" for i in rec["inputs"])

@@ -16,6 +16,7 @@ from refbuild.torchutil import pick_device
 
 from .checkpoint import load_checkpoint, model_from_checkpoint
 from .data import ManifestDataset
+from .ensemble import super_resolve
 from .metrics import bicubic_upsample, psnr, ssim, tensor_to_uint8
 
 log = logging.getLogger(__name__)
@@ -39,9 +40,10 @@ def image_metrics(sr, hr, scale: int) -> dict[str, float]:
 @torch.no_grad()
 def evaluate_dataset(
     model: nn.Module, ds: ManifestDataset, device: torch.device, batch_size: int = 8,
-    visit: Callable[..., None] | None = None,
+    visit: Callable[..., None] | None = None, self_ensemble: bool = False,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Run the model on every row; returns (per-image rows, summary of means).
+    """Run the model on every row (`self_ensemble`: x2 flip, `model.ensemble`); returns (per-image rows,
+    summary of means).
 
     `visit(face_id, lr, bicubic, refs, sr, hr)`, when given, sees every image of
     the pass (CPU tensors in [0, 1]; refs only the real ones), e.g. to draw a report.
@@ -51,7 +53,7 @@ def evaluate_dataset(
     rows: list[dict[str, Any]] = []
     for batch in DataLoader(ds, batch_size=batch_size, shuffle=False):
         lr, hr = batch["lr"].to(device), batch["hr"]
-        sr = model(lr, batch["refs"].to(device), batch["ref_mask"].to(device)).float().cpu()
+        sr = super_resolve(model, lr, batch["refs"].to(device), batch["ref_mask"].to(device), self_ensemble).cpu()
         # the bicubic row as the literature computes it (MATLAB-style: PIL, a = -0.5)
         bic = torch.stack([torch.from_numpy(bicubic_upsample(tensor_to_uint8(x), hr.shape[-1])).permute(2, 0, 1)
                            for x in batch["lr"]]).float() / 255.0
@@ -66,7 +68,7 @@ def evaluate_dataset(
             rows.append(row)
     model.train(was_training)
     summary = {"n": len(rows), "scale": ds.scale, "refs": ds.ref_mode, "num_refs": ds.num_refs, "seed": ds.seed,
-               "ref_view": ds.ref_view, "split": ds.split}
+               "ref_view": ds.ref_view, "split": ds.split, "self_ensemble": self_ensemble}
     for method in ("sr", "bicubic"):
         summary[method] = {k: sum(r[f"{method}_{k}"] for r in rows) / len(rows) for k in METRICS}
     return rows, summary
@@ -121,6 +123,7 @@ def evaluate(
     allow_enlarged: bool = False,
     identity: bool | None = None,
     shifts: tuple[float, ...] = (),
+    self_ensemble: bool = False,
 ) -> tuple[Path, dict[str, Any]]:
     """Evaluate a checkpoint on a manifest; writes per_image.csv, summary.json, summary.md.
 
@@ -131,6 +134,8 @@ def evaluate(
     shifts: also score with every face moved down by these fractions of the side (zoom 1): the standard
         aligned CelebA test crops hold faces ~0.075 lower than `refbuild detect --aligned` crops (DESIGN.md
         "Framing"). summary["framings"], keyed "dy+0.075".
+    self_ensemble: average the output on each face and on its mirror image (`model.ensemble`; twice the
+        compute); off by default: the benchmark's protocol is one pass. summary["self_ensemble"] records it.
     report=True also writes `report/index.html` with its pictures (see model.report).
     allow_enlarged: score HR targets refbuild enlarged (`model.checks`; refused otherwise, as a stale
         manifest or one paired for another scale always is); summary["hr_enlarged"] counts them.
@@ -155,6 +160,7 @@ def evaluate(
     if ds.split == "train":
         log.warning("%s: its metadata says split=train: these scores are on training faces", manifest)
     tag = "" if degradation == "bicubic" else f"-{degradation}"
+    tag += "-se" if self_ensemble else ""
     out_dir = out_dir or Path(checkpoint).parent / f"eval-{Path(manifest).stem}-{refs}{k}{tag}"
     out_dir.mkdir(parents=True, exist_ok=True)
     pages = None
@@ -176,7 +182,7 @@ def evaluate(
             ident_note = f"identity not measured: {e}"
     visits = [v for v in (pages.add if pages else None, ident.add if ident else None) if v is not None]
     visit = (lambda *a: [v(*a) for v in visits]) if visits else None
-    rows, summary = evaluate_dataset(model, ds, dev, batch_size, visit=visit)
+    rows, summary = evaluate_dataset(model, ds, dev, batch_size, visit=visit, self_ensemble=self_ensemble)
     if ident is not None:
         per_face, summary["identity"] = ident.finish()
         for r in rows:
@@ -191,7 +197,7 @@ def evaluate(
     if framed_sets:
         summary["framings"] = {}
         for name, zds in framed_sets.items():
-            zs = evaluate_dataset(model, zds, dev, batch_size)[1]
+            zs = evaluate_dataset(model, zds, dev, batch_size, self_ensemble=self_ensemble)[1]
             summary["framings"][name] = {"sr": zs["sr"], "bicubic": zs["bicubic"]}
     summary["hr_enlarged"] = enlarged.n if enlarged.known else None  # None: the library records no source sizes
     summary.update({"checkpoint": str(Path(checkpoint).resolve()), "manifest": str(Path(manifest).resolve()),

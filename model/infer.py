@@ -33,6 +33,7 @@ from refbuild.torchutil import pick_device
 
 from .checkpoint import load_checkpoint, model_from_checkpoint
 from .data import load_rgb, to_tensor
+from .ensemble import super_resolve
 from .errors import MsrError
 from .inputs import Input, change_notes, check_outputs, collect_inputs, output_stem, square_lr
 from .metrics import tensor_to_uint8
@@ -74,6 +75,7 @@ class InferConfig:
     max_face: float = MAX_FACE  # --detect: wider faces are left as they were
     min_agreement: float = MIN_AGREEMENT  # --detect: dB; a restoration that disagrees more with its face is not pasted
     back_project: int = BACK_PROJECT  # --detect: back-projection rounds fitting each restoration to its face (0: none)
+    self_ensemble: bool = True  # average each face's output with its mirror image's (model.ensemble; x2 compute)
 
 
 @dataclass
@@ -258,8 +260,9 @@ def attach_references(cfg: InferConfig, faces: list[Face]) -> None:
         f.refs = [{"face_id": r.face_id, "path": str(r.path), "identity": r.identity, "distance": r.distance} for r in refs]
 
 
-def restore(model: torch.nn.Module, faces: list[Face], batch_size: int, dev: torch.device) -> float:
-    """Run the model over the faces (SR into each Face); returns faces per second."""
+def restore(model: torch.nn.Module, faces: list[Face], batch_size: int, dev: torch.device,
+            self_ensemble: bool = True) -> float:
+    """Run the model over the faces (SR into each Face; `self_ensemble`: x2 flip); returns faces per second."""
     S = model.out_size
     cache: dict[str, torch.Tensor] = {}
 
@@ -277,7 +280,7 @@ def restore(model: torch.nn.Module, faces: list[Face], batch_size: int, dev: tor
             for j, r in enumerate(f.refs):
                 refs[i, j], mask[i, j] = ref_tensor(r["path"]), True
         lr = torch.stack([to_tensor(f.lr) for f in batch]).to(dev)  # B, 3, 16, 16
-        sr = model(lr, refs.to(dev), mask.to(dev)).float().cpu()  # B, 3, S, S
+        sr = super_resolve(model, lr, refs.to(dev), mask.to(dev), self_ensemble).cpu()  # B, 3, S, S
         for f, img in zip(batch, sr):
             f.sr = Image.fromarray(tensor_to_uint8(img))
     return len(faces) / max(time.perf_counter() - t0, 1e-9)
@@ -347,7 +350,7 @@ def infer(cfg: InferConfig, note: Callable[[str], None] = lambda s: None) -> dic
         attach_references(cfg, faces)
     batch_size = cfg.batch_size or (16 if dev.type == "cuda" else 1)  # on CPU a batch of 16 ran 0.7x one at a time
     with torch.no_grad():
-        rate = restore(model, faces, batch_size, dev) if faces else 0.0
+        rate = restore(model, faces, batch_size, dev, cfg.self_ensemble) if faces else 0.0
     for f in faces:
         f.out.parent.mkdir(parents=True, exist_ok=True)
         save_png_atomic(f.sr, f.out)
@@ -363,7 +366,7 @@ def infer(cfg: InferConfig, note: Callable[[str], None] = lambda s: None) -> dic
     grids = write_grids(cfg.out_dir, faces, S, scale) if cfg.grid else []
     record = {
         "checkpoint": str(ck.path), "checkpoint_choice": why, "checkpoint_sha256": sha256_file(ck.path), "model": ck.meta["model"],
-        "scale": scale, "weights": "ema" if cfg.use_ema and ck.section("ema") else "raw",
+        "scale": scale, "weights": "ema" if cfg.use_ema and ck.section("ema") else "raw", "self_ensemble": cfg.self_ensemble,
         "references": "library" if cfg.library else ("files" if cfg.refs else "none"),
         "library": str(cfg.library) if cfg.library else None, "detect": cfg.detect, "grids": [str(g) for g in grids],
         "detection": {"min_face": cfg.min_face, "min_prob": cfg.min_prob, "max_face": cfg.max_face,

@@ -15,7 +15,7 @@ def test_iou():
 
 
 def test_table_has_a_column_per_width_and_the_recall_rows():
-    rows = [{"width": w, "bicubic": 24.0 + k, "rule": 1.0 - k, "plain": -k, "rule_decision": "restored" if w < 40 else "left",
+    rows = [{"width": w, "bicubic": 24.0 + k, "rule": 1.0 - k, "plain": -k, "single_pass": 0.75 - k, "rule_decision": "restored" if w < 40 else "left",
              "found": True, "found_mtcnn_defaults": w > 8, "found_infer_before": w > 12}
             for w in (8, 16, 48) for k in (0, 1)]
     md = realfaces.table({"photos": [{}, {}], "rows": rows,
@@ -23,6 +23,7 @@ def test_table_has_a_column_per_width_and_the_recall_rows():
     lines = md.splitlines()
     assert lines[0] == "| face width | 8 px | 16 px | 48 px |"
     assert "| **the rule**: restored - bicubic (dB) | **+0.50** | **+0.50** | **+0.50** |" in lines
+    assert "| the rule, one pass (`--single-pass`) | +0.25 | +0.25 | +0.25 |" in lines
     assert "| faces the rule restored, and the worst face (dB) | 2, +0.00 | 2, +0.00 | 0, +0.00 |" in lines
     assert "| found (of 2): MTCNN defaults | 0 | 2 | 2 |" in lines
     assert lines[-1].startswith("False faces on 18 photos without a face: infer 2 (p >= 0.95; 3 at p >= 0.9)")
