@@ -22,7 +22,7 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from refbuild.io import _atomic_path
+from refbuild.io import _atomic_path, sha256_file
 
 from .errors import CheckpointError, MsrError
 from .registry import create_model
@@ -195,14 +195,32 @@ def model_from_checkpoint(ckpt: Checkpoint, use_ema: bool = True) -> nn.Module:
     return model
 
 
-def export_weights(src: str | Path, dst: str | Path, use_ema: bool = True) -> dict[str, Any]:
+def export_weights(src: str | Path, dst: str | Path, use_ema: bool = True, blend_with: str | Path | None = None,
+                   blend: float = 0.0) -> dict[str, Any]:
     """Write a weights-only checkpoint (EMA weights if present and `use_ema`, no optimizer or EMA copy):
-    what `weights/` ships. Loads with `model eval/infer --checkpoint` like any run checkpoint."""
+    what `weights/` ships. Loads with `model eval/infer --checkpoint` like any run checkpoint.
+
+    blend_with, blend: write (1 - blend) x these weights + blend x `blend_with`'s (the same network,
+    e.g. the model a fine-tune started from: WiSE-FT, Wortsman et al. 2022; DESIGN.md "Realistic
+    inputs"). Recorded in the metadata with the other file's sha256."""
     ck = load_checkpoint(src)
     model = model_from_checkpoint(ck, use_ema)
     keep = ("model", "model_kwargs", "step", "score", "config")
     meta = {k: ck.meta[k] for k in keep if k in ck.meta} | {"exported_from": str(src),
                                                              "weights": "ema" if use_ema and ck.section("ema") else "raw"}
+    if blend_with is not None:
+        if not 0.0 < blend < 1.0:
+            raise CheckpointError(f"--blend {blend:g}: give a weight between 0 and 1 for {blend_with}")
+        other_ck = load_checkpoint(blend_with)
+        if (other_ck.meta.get("model"), other_ck.meta.get("model_kwargs", {})) != (ck.meta["model"], ck.meta.get("model_kwargs", {})):
+            raise CheckpointError(f"{blend_with}: a {other_ck.meta.get('model')} checkpoint cannot be blended into "
+                                  f"{src}'s {ck.meta['model']}; blend two checkpoints of the same network")
+        other = model_from_checkpoint(other_ck).state_dict()
+        with torch.no_grad():
+            for k, v in model.state_dict().items():
+                if v.is_floating_point():
+                    v.copy_((1 - blend) * v.float() + blend * other[k].float())
+        meta["blended"] = {"with": str(blend_with), "sha256": sha256_file(other_ck.path), "weight": blend}
     save_checkpoint(dst, model, meta)
     return meta
 

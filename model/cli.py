@@ -25,6 +25,7 @@ ALLOW_ENLARGED_HELP = ("accept HR targets refbuild enlarged (cut from fewer sour
 RefMode = choices("RefMode", "matched", "random", "none", "oracle", "shuffled")  # model.data.REF_MODES (torch-free here)
 TrainDegradation = choices("TrainDegradation", "bicubic", "real", "real_mild")  # model.degradations.TRAIN_PRESETS
 EvalDegradation = choices("EvalDegradation", "bicubic", "real", "real_mild", "camera", "harsh")  # model.degradations.PRESETS
+Gallery = choices("Gallery", "split", "library")  # model.identity_eval.GALLERIES
 
 
 @app.callback()
@@ -120,6 +121,7 @@ def eval_cmd(
     allow_enlarged: Annotated[bool, typer.Option("--allow-enlarged", help=ALLOW_ENLARGED_HELP)] = False,
     identity: Annotated[Optional[bool], typer.Option("--identity/--no-identity", help="also score identity with dlib's face recogniser: distance to the HR, verification, rank-1, drift toward the references (default: when its weights are installed)")] = None,
     self_ensemble: Annotated[bool, typer.Option("--self-ensemble", help="average each face's output with its mirror image's (x2 compute; off: the benchmark's protocol is one pass)")] = False,
+    gallery: Annotated[Gallery, typer.Option(help="identity rank-1 against the split's people, or everyone in the library (the other splits' people as distractors)")] = Gallery.split,
 ) -> None:
     """PSNR/SSIM (Y crop=scale and RGB) of SR and bicubic, and identity; CSV, JSON and Markdown (and an HTML report)."""
     from .evaluate import METRICS, evaluate
@@ -127,7 +129,7 @@ def eval_cmd(
     where, summary = evaluate(checkpoint, manifest, out_dir, refs.value, num_refs, data_root, device,
                               batch_size, not no_ema, report, seed, degradation.value, comma_floats(zooms, None, "--zooms", (0.5, 2.0)) or (),
                               allow_enlarged, identity, comma_floats(shifts, None, "--shifts", (-0.25, 0.25)) or (),
-                              self_ensemble)
+                              self_ensemble, gallery.value)
     t = Table(title=f"{summary['n']} faces ({summary.get('split')} split), x{summary['scale']}, refs {summary['refs']} "
                     f"chosen on the {summary.get('ref_view')} view, inputs {summary['degradation']}"
                     f"{', self-ensemble x2' if summary['self_ensemble'] else ''}; bicubic MATLAB-style; *_full: MATLAB Y, no crop")
@@ -237,12 +239,15 @@ def export(
     checkpoint: Annotated[Path, typer.Option(help="a run's last/best .safetensors")],
     out_path: Annotated[Path, typer.Option("--out", help="weights file to write")],
     no_ema: Annotated[bool, typer.Option("--no-ema", help="export the raw weights even if EMA weights exist")] = False,
+    blend_with: Annotated[Optional[Path], typer.Option(help="average with this checkpoint of the same network (e.g. the one a fine-tune started from)")] = None,
+    blend: Annotated[float, typer.Option(min=0.0, max=1.0, help="with --blend-with: its weight; the result is (1 - blend) x CHECKPOINT + blend x BLEND_WITH")] = 0.1,
 ) -> None:
     """Weights-only copy of a checkpoint (no optimizer state): for sharing, as weights/ does."""
     from .checkpoint import export_weights
 
-    meta = export_weights(checkpoint, out_path, not no_ema)
-    out.print(f"{meta['model']} step {meta.get('step')} ({meta['weights']} weights) written to {out_path}")
+    meta = export_weights(checkpoint, out_path, not no_ema, blend_with, blend)
+    mix = f", blended {1 - blend:g} : {blend:g} with {blend_with}" if blend_with else ""
+    out.print(f"{meta['model']} step {meta.get('step')} ({meta['weights']} weights{mix}) written to {out_path}")
 
 
 @app.command("list")

@@ -124,6 +124,7 @@ def evaluate(
     identity: bool | None = None,
     shifts: tuple[float, ...] = (),
     self_ensemble: bool = False,
+    gallery: str = "split",
 ) -> tuple[Path, dict[str, Any]]:
     """Evaluate a checkpoint on a manifest; writes per_image.csv, summary.json, summary.md.
 
@@ -142,6 +143,8 @@ def evaluate(
     identity: also score identity with the face recogniser (`model.identity_eval`): per-face columns,
         summary["identity"]. None: when its weights are installed (else summary["identity_note"] says
         why not); True: required (RefbuildError naming the pip command when absent); False: never.
+    gallery: rank-1's gallery (`identity_eval.gallery_photos`): "split", the manifest's people, or
+        "library", every identity in the library (the other splits' people as distractors).
     """
     ck = load_checkpoint(checkpoint)
     checkpoint = ck.path  # a run folder stands for its best (else last) checkpoint
@@ -175,7 +178,7 @@ def evaluate(
         from .identity_eval import IdentityEval
 
         try:
-            ident = IdentityEval.load(ds, dev, data_root)
+            ident = IdentityEval.load(ds, dev, data_root, gallery)
         except RefbuildError as e:
             if identity:
                 raise

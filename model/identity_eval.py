@@ -9,7 +9,9 @@ one framing. `finish` then embeds what the pass does not hand over, by path:
 - the references each face was given (`ds`'s own draw for that face: matched, shuffled before the
   grid shuffle, or random), each loaded and sized as the dataset loads it, for the drift figures;
 - the gallery: every photo of the split's identities in the library the manifest points at
-  (`<hr_root>/faces.parquet`), else the manifest's own HR photos, sized as HR targets are.
+  (`<hr_root>/faces.parquet`), else the manifest's own HR photos, sized as HR targets are; with
+  `gallery="library"` every labelled photo of the library (all its people: the other splits' are
+  distractors, a gallery the size of a held-out benchmark's).
 
 Why and how: docs/DESIGN.md "Identity in evaluation".
 """
@@ -26,6 +28,7 @@ from data_manifests import metadata, read_table
 
 from . import identity as idm
 from .data import ManifestDataset, degrade, load_rgb, to_tensor
+from .errors import MsrError
 
 log = logging.getLogger(__name__)
 
@@ -33,19 +36,33 @@ RECOGNISER = "dlib_face_recognition_resnet_model_v1 (refbuild.nets.dlib_resnet)"
 CHIPS = "150x150 chips by the fixed aligned-crop template (refbuild.nets.chips.chips_from_aligned)"
 
 
-def gallery_photos(ds: ManifestDataset, data_root: Path | None = None) -> tuple[str, list[str], list, list[Path]]:
-    """(source, face ids, identities, paths) of every photo of the manifest's identities: from the
-    library at the manifest's hr_root when it has a faces table, else the manifest's own rows."""
+GALLERIES = ("split", "library")
+
+
+def gallery_photos(ds: ManifestDataset, data_root: Path | None = None, gallery: str = "split"
+                   ) -> tuple[str, list[str], list, list[Path]]:
+    """(source, face ids, identities, paths) of every photo of the manifest's identities (`gallery`
+    "split"), or of every identity in the library ("library"): from the library at the manifest's
+    hr_root when it has a faces table, else ("split" only) the manifest's own rows."""
+    if gallery not in GALLERIES:
+        raise ValueError(f"gallery {gallery!r}: choose one of {GALLERIES}")
     ids = {r.identity for r in ds.rows if r.identity is not None}
     root = Path(data_root) if data_root is not None else Path(metadata(ds.manifest).get("hr_root") or ".")
     faces = root / "faces.parquet"
     if faces.is_file():
         t = read_table(faces, "faces", ["face_id", "identity", "crop_path"]).to_pydict()
-        keep = [i for i, ident in enumerate(t["identity"]) if ident in ids and t["crop_path"][i]]
+        wanted = (lambda ident: ident is not None) if gallery == "library" else (lambda ident: ident in ids)
+        keep = [i for i, ident in enumerate(t["identity"]) if wanted(ident) and t["crop_path"][i]]
         paths = [root / t["crop_path"][i] for i in keep]
         if all(p.is_file() for p in paths):
             return (f"library {faces}", [t["face_id"][i] for i in keep], [t["identity"][i] for i in keep], paths)
+        if gallery == "library":
+            raise MsrError(f"{faces}: some crops are missing, so no library-wide gallery; restore the library's "
+                           "crops/ or score with --gallery split")
         log.warning("%s: some crops are missing; the gallery is the manifest's own photos", faces)
+    elif gallery == "library":
+        raise MsrError(f"{faces}: no such file, so no library-wide gallery; give --data-root LIB (the library the "
+                       "manifest was paired from) or score with --gallery split")
     rows = [r for r in ds.rows if r.identity is not None]
     return f"manifest {ds.manifest}", [r.face_id for r in rows], [r.identity for r in rows], [r.hr for r in rows]
 
@@ -74,13 +91,15 @@ class IdentityEval:
         device: where the recogniser runs.
         data_root: the manifest's --data-root override, if any (where the library is).
         batch: faces embedded per forward.
+        gallery: rank-1's gallery, "split" (the manifest's people) or "library" (everyone in it).
     """
 
     def __init__(self, ds: ManifestDataset, net: torch.nn.Module, device: torch.device,
-                 data_root: Path | None = None, batch: int = 32):
+                 data_root: Path | None = None, batch: int = 32, gallery: str = "split"):
         from refbuild.nets.chips import chips_from_aligned
 
         self.ds, self.net, self.device, self.data_root, self.batch = ds, net, device, data_root, batch
+        self.gallery = gallery
         self.chips = chips_from_aligned
         self.face_ids: list[str] = []
         self.n_refs_seen: list[int] = []
@@ -89,11 +108,14 @@ class IdentityEval:
         self.cache: dict[Path, np.ndarray] = {}
 
     @classmethod
-    def load(cls, ds: ManifestDataset, device: torch.device, data_root: Path | None = None) -> "IdentityEval":
+    def load(cls, ds: ManifestDataset, device: torch.device, data_root: Path | None = None,
+             gallery: str = "split") -> "IdentityEval":
         """Load the recogniser. Raises RefbuildError (with the pip command) when its weights are absent."""
         from refbuild.nets.dlib_resnet import load_recogniser
 
-        return cls(ds, load_recogniser(device), device, data_root)
+        net = load_recogniser(device)
+        gallery_photos(ds, data_root, gallery)  # a gallery that cannot be had fails now, not after the pass
+        return cls(ds, net, device, data_root, gallery=gallery)
 
     @torch.no_grad()
     def embed(self, x: torch.Tensor) -> np.ndarray:
@@ -132,13 +154,13 @@ class IdentityEval:
         """(allowed Q, G; summary["gallery"]; gallery identities; gallery embeddings G, 128)."""
         from refbuild.dupes import NEAR_DUP_CORR, thumbnails
 
-        source, g_ids, g_identity, g_paths = gallery_photos(self.ds, self.data_root)
+        source, g_ids, g_identity, g_paths = gallery_photos(self.ds, self.data_root, self.gallery)
         g = self._embed_paths(g_paths)
         hr_to_g = idm.cross_distances(hr, g)  # Q, G
         corr = thumbnails([r.hr for r in rows]) @ thumbnails(g_paths).T if g_paths else np.zeros((len(rows), 0))
         allowed = idm.gallery_allowed(self.face_ids, g_ids, hr_to_g, corr, idm.DUP_DISTANCE, NEAR_DUP_CORR)
         other = np.asarray(self.face_ids, object)[:, None] != np.asarray(g_ids, object)[None, :]  # not the HR itself
-        info = {"source": source, "identities": len(set(g_identity)), "photos": len(g_ids),
+        info = {"scope": self.gallery, "source": source, "identities": len(set(g_identity)), "photos": len(g_ids),
                 "excluded_near_duplicates": int((~allowed & other).sum()),  # (face, gallery photo) pairs
                 "excluded_by_descriptor": int(((hr_to_g < idm.DUP_DISTANCE) & other).sum()),
                 "excluded_by_pixels": int(((corr >= NEAR_DUP_CORR) & other).sum()),

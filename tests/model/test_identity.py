@@ -68,6 +68,35 @@ def test_gallery_never_holds_the_query_photo_nor_its_near_duplicates():
     assert everything.eligible.tolist() == [True, True] and everything.hit.tolist() == [True, True]
 
 
+def test_library_gallery_holds_every_labelled_person_and_split_only_the_manifests(tmp_path):
+    """`--gallery library`: the other splits' people join as distractors; unlabelled photos never do."""
+    from types import SimpleNamespace
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from data_manifests import FACES, with_metadata
+    from model.errors import MsrError
+    from model.identity_eval import gallery_photos
+
+    people = ["a", "a", "b", "c", "d", None]
+    (tmp_path / "crops").mkdir()
+    cols = {n: [None] * len(people) for n in FACES.names}
+    cols.update(face_id=[f"f{i}" for i in range(len(people))], identity=people,
+                crop_path=[f"crops/f{i}.png" for i in range(len(people))])
+    for p in cols["crop_path"]:
+        (tmp_path / p).write_bytes(b"")
+    pq.write_table(with_metadata(pa.Table.from_pydict(cols, schema=FACES), "faces"), tmp_path / "faces.parquet")
+    ds = SimpleNamespace(rows=[SimpleNamespace(identity="a"), SimpleNamespace(identity="b")], manifest=None)
+    _, ids, who, _ = gallery_photos(ds, tmp_path)
+    assert ids == ["f0", "f1", "f2"] and who == ["a", "a", "b"]
+    _, ids, who, _ = gallery_photos(ds, tmp_path, "library")
+    assert ids == ["f0", "f1", "f2", "f3", "f4"] and set(who) == {"a", "b", "c", "d"}
+    (tmp_path / "faces.parquet").unlink()
+    with pytest.raises(MsrError, match="faces.parquet: no such file"):
+        gallery_photos(ds, tmp_path, "library")
+
+
 def test_drift_counts_faces_that_verify_as_a_reference_rather_than_themselves():
     own = np.array([0.7, 0.3, 0.7, 0.5, 0.7])
     refs = np.array([[0.5, 0.9],        # nearer ref 0, within 0.6, own 0.7: drifted to ref 0

@@ -55,3 +55,26 @@ def test_foreign_safetensors_and_other_architecture(tmp_path):
 def test_missing_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="no such checkpoint"):
         load_checkpoint(tmp_path / "nope.safetensors")
+
+
+def test_export_blend_is_the_weighted_mean_of_two_checkpoints_of_one_network(tmp_path):
+    from model.checkpoint import export_weights
+
+    paths = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        paths.append(tmp_path / f"m{seed}.safetensors")
+        save_checkpoint(paths[-1], create_model("msrnet2_tiny_x4"), {"model": "msrnet2_tiny_x4", "model_kwargs": {}})
+    meta = export_weights(paths[0], tmp_path / "b.safetensors", blend_with=paths[1], blend=0.25)
+    a, b = (model_from_checkpoint(load_checkpoint(p)).state_dict() for p in paths)
+    got = model_from_checkpoint(load_checkpoint(tmp_path / "b.safetensors")).state_dict()
+    floats = [k for k in got if got[k].is_floating_point()]
+    assert floats and not torch.equal(a[floats[0]], b[floats[0]])
+    for k in floats:
+        torch.testing.assert_close(got[k], 0.75 * a[k] + 0.25 * b[k])
+    assert meta["blended"]["weight"] == 0.25 and len(meta["blended"]["sha256"]) == 64
+    save_checkpoint(tmp_path / "x8.safetensors", create_model("msrnet2_tiny_x8"), {"model": "msrnet2_tiny_x8", "model_kwargs": {}})
+    with pytest.raises(CheckpointError, match="same network"):
+        export_weights(paths[0], tmp_path / "c.safetensors", blend_with=tmp_path / "x8.safetensors", blend=0.5)
+    with pytest.raises(CheckpointError, match="between 0 and 1"):
+        export_weights(paths[0], tmp_path / "c.safetensors", blend_with=paths[1], blend=1.0)

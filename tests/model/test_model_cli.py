@@ -162,3 +162,10 @@ def test_cli_ref_modes_are_the_datasets():
     from model.data import REF_MODES
 
     assert tuple(m.value for m in RefMode) == REF_MODES
+
+
+def test_cli_galleries_are_identity_evals():
+    from model.cli import Gallery
+    from model.identity_eval import GALLERIES
+
+    assert tuple(g.value for g in Gallery) == GALLERIES
