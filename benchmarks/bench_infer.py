@@ -1,6 +1,7 @@
 """infer: MSRNet forward on real faces as `model infer` runs it (channels_last; batch 16 on
 CUDA, 1 on CPU, where batch 16 measured slower) vs one face at a time in plain NCHW;
-faces/s over batch sizes, latency p50/p95 of a single face."""
+faces/s over batch sizes, latency p50/p95 of a single face. One pass per face: `model infer`'s
+default self-ensemble (`model/ensemble.py`) runs two, so its faces/s are about half these."""
 from __future__ import annotations
 
 import copy

@@ -5,8 +5,9 @@ architectures (the reference-free twin, SPARNet, SwinIR-light: `MSRFACE_BENCH_CH
 a `pipelines.table1` runs folder or `name=path;...`) are scored with `model.evaluate` on the
 test manifest (`MSRFACE_TEST_MANIFEST`); an architecture without trained weights here is
 still timed and counted, its PSNR left blank and said so. faces/s: the model's forward alone
-on real 16 px test faces with their references, as `model infer` runs it (channels_last;
-batch 1 on CPU, 16 on CUDA), repeats interleaved across methods.
+on real 16 px test faces with their references, as `model infer --single-pass` runs it
+(channels_last; batch 1 on CPU, 16 on CUDA; the default self-ensemble runs two forwards a face),
+repeats interleaved across methods.
 """
 from __future__ import annotations
 

@@ -210,17 +210,22 @@ def export_weights(src: str | Path, dst: str | Path, use_ema: bool = True, blend
                                                              "weights": "ema" if use_ema and ck.section("ema") else "raw"}
     if blend_with is not None:
         if not 0.0 < blend < 1.0:
-            raise CheckpointError(f"--blend {blend:g}: give a weight between 0 and 1 for {blend_with}")
+            raise CheckpointError(f"--blend {blend:g}: give a weight strictly between 0 and 1 for {blend_with} "
+                                  "(0 or 1 would be one of the two files alone)")
         other_ck = load_checkpoint(blend_with)
-        if (other_ck.meta.get("model"), other_ck.meta.get("model_kwargs", {})) != (ck.meta["model"], ck.meta.get("model_kwargs", {})):
-            raise CheckpointError(f"{blend_with}: a {other_ck.meta.get('model')} checkpoint cannot be blended into "
-                                  f"{src}'s {ck.meta['model']}; blend two checkpoints of the same network")
-        other = model_from_checkpoint(other_ck).state_dict()
+        mine = (ck.meta["model"], ck.meta.get("model_kwargs", {}))
+        theirs = (other_ck.meta.get("model"), other_ck.meta.get("model_kwargs", {}))
+        if theirs != mine:
+            raise CheckpointError(f"{blend_with}: {theirs[0]} {theirs[1]} cannot be blended into {src}'s {mine[0]} "
+                                  f"{mine[1]}; blend two checkpoints of the same network")
+        other = model_from_checkpoint(other_ck, use_ema).state_dict()
         with torch.no_grad():
-            for k, v in model.state_dict().items():
+            for k, v in model.state_dict().items():  # floating tensors averaged; integer buffers kept
                 if v.is_floating_point():
                     v.copy_((1 - blend) * v.float() + blend * other[k].float())
-        meta["blended"] = {"with": str(blend_with), "sha256": sha256_file(other_ck.path), "weight": blend}
+        meta["blended"] = {"with": str(blend_with), "sha256": sha256_file(other_ck.path), "weight": blend,
+                           "weights": "ema" if use_ema and other_ck.section("ema") else "raw"}
+        meta.pop("score", None)  # the run's validation score was of the weights before the blend
     save_checkpoint(dst, model, meta)
     return meta
 

@@ -240,12 +240,14 @@ def export(
     out_path: Annotated[Path, typer.Option("--out", help="weights file to write")],
     no_ema: Annotated[bool, typer.Option("--no-ema", help="export the raw weights even if EMA weights exist")] = False,
     blend_with: Annotated[Optional[Path], typer.Option(help="average with this checkpoint of the same network (e.g. the one a fine-tune started from)")] = None,
-    blend: Annotated[float, typer.Option(min=0.0, max=1.0, help="with --blend-with: its weight; the result is (1 - blend) x CHECKPOINT + blend x BLEND_WITH")] = 0.1,
+    blend: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="with --blend-with: its weight; the result is (1 - blend) x CHECKPOINT + blend x BLEND_WITH")] = None,
 ) -> None:
     """Weights-only copy of a checkpoint (no optimizer state): for sharing, as weights/ does."""
     from .checkpoint import export_weights
 
-    meta = export_weights(checkpoint, out_path, not no_ema, blend_with, blend)
+    if (blend is None) != (blend_with is None):
+        raise typer.BadParameter("--blend and --blend-with go together: give both (e.g. --blend-with CLEAN --blend 0.1)")
+    meta = export_weights(checkpoint, out_path, not no_ema, blend_with, blend or 0.0)
     mix = f", blended {1 - blend:g} : {blend:g} with {blend_with}" if blend_with else ""
     out.print(f"{meta['model']} step {meta.get('step')} ({meta['weights']} weights{mix}) written to {out_path}")
 

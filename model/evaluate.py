@@ -17,6 +17,7 @@ from refbuild.torchutil import pick_device
 from .checkpoint import load_checkpoint, model_from_checkpoint
 from .data import ManifestDataset
 from .ensemble import super_resolve
+from .errors import MsrError
 from .metrics import bicubic_upsample, psnr, ssim, tensor_to_uint8
 
 log = logging.getLogger(__name__)
@@ -146,6 +147,8 @@ def evaluate(
     gallery: rank-1's gallery (`identity_eval.gallery_photos`): "split", the manifest's people, or
         "library", every identity in the library (the other splits' people as distractors).
     """
+    if gallery != "split" and identity is False:
+        raise MsrError(f"--gallery {gallery} is a gallery for identity: drop --no-identity, or the --gallery option")
     ck = load_checkpoint(checkpoint)
     checkpoint = ck.path  # a run folder stands for its best (else last) checkpoint
     dev = pick_device(device)
@@ -163,7 +166,7 @@ def evaluate(
     if ds.split == "train":
         log.warning("%s: its metadata says split=train: these scores are on training faces", manifest)
     tag = "" if degradation == "bicubic" else f"-{degradation}"
-    tag += "-se" if self_ensemble else ""
+    tag += ("-se" if self_ensemble else "") + ("" if gallery == "split" else f"-{gallery}") + (f"-s{seed}" if seed else "")
     out_dir = out_dir or Path(checkpoint).parent / f"eval-{Path(manifest).stem}-{refs}{k}{tag}"
     out_dir.mkdir(parents=True, exist_ok=True)
     pages = None

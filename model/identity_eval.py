@@ -54,11 +54,12 @@ def gallery_photos(ds: ManifestDataset, data_root: Path | None = None, gallery: 
         wanted = (lambda ident: ident is not None) if gallery == "library" else (lambda ident: ident in ids)
         keep = [i for i, ident in enumerate(t["identity"]) if wanted(ident) and t["crop_path"][i]]
         paths = [root / t["crop_path"][i] for i in keep]
-        if all(p.is_file() for p in paths):
+        missing = [p for p in paths if not p.is_file()]
+        if not missing:
             return (f"library {faces}", [t["face_id"][i] for i in keep], [t["identity"][i] for i in keep], paths)
         if gallery == "library":
-            raise MsrError(f"{faces}: some crops are missing, so no library-wide gallery; restore the library's "
-                           "crops/ or score with --gallery split")
+            raise MsrError(f"{missing[0]}: no such crop ({len(missing)} of the library's {len(paths)} missing), so no "
+                           "library-wide gallery; restore the library's crops/ or score with --gallery split")
         log.warning("%s: some crops are missing; the gallery is the manifest's own photos", faces)
     elif gallery == "library":
         raise MsrError(f"{faces}: no such file, so no library-wide gallery; give --data-root LIB (the library the "

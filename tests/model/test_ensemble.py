@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -13,17 +14,18 @@ from model.ensemble import super_resolve
 
 
 class _Lopsided(nn.Module):
-    """Not mirror-equivariant: the upsampled LR plus a left-to-right ramp, plus the first reference."""
+    """Not mirror-equivariant: the upsampled LR plus a left-to-right ramp, plus the references the mask keeps."""
 
     def forward(self, lr, refs, mask):
         up = F.interpolate(lr, size=refs.shape[-1], mode="nearest")  # B, 3, H, W
         ramp = torch.linspace(0, 1, refs.shape[-1]).expand_as(up)
-        return up + ramp + refs[:, 0]
+        return up + ramp + (refs * mask[:, :, None, None, None]).sum(1)
 
 
 def _inputs(seed: int = 0):
     g = torch.Generator().manual_seed(seed)
-    return torch.rand(2, 3, 4, 4, generator=g), torch.rand(2, 1, 3, 8, 8, generator=g), torch.ones(2, 1, dtype=torch.bool)
+    mask = torch.tensor([[True, False], [True, False]])  # the second slot is absent
+    return torch.rand(2, 3, 4, 4, generator=g), torch.rand(2, 2, 3, 8, 8, generator=g), mask
 
 
 def test_one_pass_is_the_model_itself():
@@ -37,7 +39,7 @@ def test_the_mirrored_pass_comes_back_the_right_way_round_with_mirrored_referenc
     se = super_resolve(_Lopsided(), lr, refs, mask, self_ensemble=True)
     up = F.interpolate(lr, size=8, mode="nearest")
     # the image and the references keep their orientation (a flip not undone, or references not
-    # flipped with the LR, would mirror them); the lopsided ramp averages to its mean, 0.5
+    # flipped with the LR, would mirror them), the mask its slots; the lopsided ramp averages to its mean, 0.5
     assert torch.allclose(se, up + 0.5 + refs[:, 0], atol=1e-6)
 
 
@@ -49,6 +51,9 @@ def test_eval_and_infer_record_it_infer_by_default(synthetic_manifest, tmp_path)
     save_checkpoint(ck, create_model("msrnet2_tiny_x4"), {"model": "msrnet2_tiny_x4", "model_kwargs": {}})
     runner = CliRunner()
     outs = {}
+    r = runner.invoke(app, ["eval", "--checkpoint", str(ck), "--manifest", str(synthetic_manifest), "--no-identity",
+                            "--gallery", "library"])
+    assert r.exit_code == 1 and "--gallery library is a gallery for identity" in r.output, r.output
     for flag in ([], ["--self-ensemble"]):
         out = tmp_path / f"eval{len(flag)}"
         r = runner.invoke(app, ["eval", "--checkpoint", str(ck), "--manifest", str(synthetic_manifest), "--out", str(out),
@@ -67,3 +72,5 @@ def test_eval_and_infer_record_it_infer_by_default(synthetic_manifest, tmp_path)
         r = runner.invoke(app, ["infer", "-i", str(face), "--checkpoint", str(ck), "--out", str(out), *flag])
         assert r.exit_code == 0, r.output
         assert json.loads((out / "infer.json").read_text())["self_ensemble"] is expected
+    one, two = (np.asarray(Image.open(next((tmp_path / d).rglob("*_x4.png")))) for d in ("infer1", "infer0"))
+    assert not np.array_equal(one, two)  # the flag reaches the model: an untrained net is not mirror-symmetric

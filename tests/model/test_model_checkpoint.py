@@ -78,3 +78,23 @@ def test_export_blend_is_the_weighted_mean_of_two_checkpoints_of_one_network(tmp
         export_weights(paths[0], tmp_path / "c.safetensors", blend_with=tmp_path / "x8.safetensors", blend=0.5)
     with pytest.raises(CheckpointError, match="between 0 and 1"):
         export_weights(paths[0], tmp_path / "c.safetensors", blend_with=paths[1], blend=1.0)
+
+
+def test_export_blend_on_the_command_line_and_its_usage_error(tmp_path):
+    from typer.testing import CliRunner
+
+    from model.cli import app
+
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        save_checkpoint(tmp_path / f"m{seed}.safetensors", create_model("msrnet2_tiny_x4"),
+                        {"model": "msrnet2_tiny_x4", "model_kwargs": {}, "score": -1.0})
+    runner = CliRunner()
+    r = runner.invoke(app, ["export", "--checkpoint", str(tmp_path / "m0.safetensors"), "--out", str(tmp_path / "b.safetensors"),
+                            "--blend-with", str(tmp_path / "m1.safetensors"), "--blend", "0.5"])
+    assert r.exit_code == 0 and "blended 0.5 : 0.5" in r.output, r.output
+    meta = load_checkpoint(tmp_path / "b.safetensors").meta
+    assert meta["blended"]["weight"] == 0.5 and "score" not in meta  # the run's score was of the weights before
+    r = runner.invoke(app, ["export", "--checkpoint", str(tmp_path / "m0.safetensors"), "--out", str(tmp_path / "c.safetensors"),
+                            "--blend", "0.5"])
+    assert r.exit_code == 2 and "go together" in r.output and not (tmp_path / "c.safetensors").exists()
