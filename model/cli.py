@@ -217,7 +217,8 @@ def infer(
     rec = run_infer(cfg, _note)
     faces = [f for i in rec["inputs"] for f in i.get("faces", []) if f.get("output")]
     skipped = sum(i["status"] == "skipped" for i in rec["inputs"])
-    out.print(f"{len(faces)} SR face(s) x{rec['scale']} ({rec['model']}, {rec['checkpoint']}) written under {out_dir} "
+    how = ", self-ensemble" if rec["self_ensemble"] else ", one pass"
+    out.print(f"{len(faces)} SR face(s) x{rec['scale']} ({rec['model']}{how}, {rec['checkpoint']}) written under {out_dir} "
               f"({rec['faces_per_s']:.1f} faces/s)" + (f"; {skipped} input(s) skipped" if skipped and not detect else ""),
               soft_wrap=True)
     if detect:

@@ -72,5 +72,6 @@ def test_eval_and_infer_record_it_infer_by_default(synthetic_manifest, tmp_path)
         r = runner.invoke(app, ["infer", "-i", str(face), "--checkpoint", str(ck), "--out", str(out), *flag])
         assert r.exit_code == 0, r.output
         assert json.loads((out / "infer.json").read_text())["self_ensemble"] is expected
+        assert ("self-ensemble" if expected else "one pass") in r.output  # said, not only recorded
     one, two = (np.asarray(Image.open(next((tmp_path / d).rglob("*_x4.png")))) for d in ("infer1", "infer0"))
     assert not np.array_equal(one, two)  # the flag reaches the model: an untrained net is not mirror-symmetric
