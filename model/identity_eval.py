@@ -101,6 +101,7 @@ class IdentityEval:
 
         self.ds, self.net, self.device, self.data_root, self.batch = ds, net, device, data_root, batch
         self.gallery = gallery
+        self.photos = gallery_photos(ds, data_root, gallery)  # read once; one that cannot be had fails before the pass
         self.chips = chips_from_aligned
         self.face_ids: list[str] = []
         self.n_refs_seen: list[int] = []
@@ -114,9 +115,7 @@ class IdentityEval:
         """Load the recogniser. Raises RefbuildError (with the pip command) when its weights are absent."""
         from refbuild.nets.dlib_resnet import load_recogniser
 
-        net = load_recogniser(device)
-        gallery_photos(ds, data_root, gallery)  # a gallery that cannot be had fails now, not after the pass
-        return cls(ds, net, device, data_root, gallery=gallery)
+        return cls(ds, load_recogniser(device), device, data_root, gallery=gallery)
 
     @torch.no_grad()
     def embed(self, x: torch.Tensor) -> np.ndarray:
@@ -155,7 +154,7 @@ class IdentityEval:
         """(allowed Q, G; summary["gallery"]; gallery identities; gallery embeddings G, 128)."""
         from refbuild.dupes import NEAR_DUP_CORR, thumbnails
 
-        source, g_ids, g_identity, g_paths = gallery_photos(self.ds, self.data_root, self.gallery)
+        source, g_ids, g_identity, g_paths = self.photos
         g = self._embed_paths(g_paths)
         hr_to_g = idm.cross_distances(hr, g)  # Q, G
         corr = thumbnails([r.hr for r in rows]) @ thumbnails(g_paths).T if g_paths else np.zeros((len(rows), 0))
